@@ -1,0 +1,32 @@
+"""Where an op runs: the Triton kernel or the pure-PyTorch reference.
+
+Triton kernels run on CUDA tensors, and on CPU tensors only under the Triton interpreter
+(TRITON_INTERPRET=1, a numpy simulation used by the tests). Any other CPU call takes the reference
+path. The interpreter must be chosen before triton is first imported, so the environment variable is
+read here at call time but has to be set by the caller at start-up.
+"""
+import os
+
+import torch
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """True when the Triton kernel should run on these tensors (all on one device)."""
+    devices = {t.device.type for t in tensors if t is not None}
+    if devices == {"cuda"}:
+        return triton_available()
+    if devices == {"cpu"}:
+        return interpreter_enabled() and triton_available()
+    return False

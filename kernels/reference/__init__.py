@@ -1,0 +1,5 @@
+"""Pure-PyTorch references for every kernel in m2pt_kernels.
+
+These are the oracles the tests and benchmarks compare against and the CPU fallback paths; they
+favour plainness over speed. One submodule per op; everything is re-exported here.
+"""
