@@ -1,7 +1,9 @@
 """Make tests and benches import this checkout, even where another copy of the package is installed.
 
-The kernel library's directory is `kernels/` but its import name is `m2pt_kernels`, so it is
-registered here by path; `m2pt_fast` resolves through sys.path.
+Both packages are registered by path rather than by putting the repository root on sys.path: the
+kernel library's directory is `kernels/`, and a top-level `kernels` must never be importable
+(bitsandbytes probes for a package of that name). pytest runs with --import-mode=importlib for the
+same reason (pyproject.toml).
 """
 import importlib.util
 import os
@@ -16,11 +18,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
 
-_spec = importlib.util.spec_from_file_location(
-    "m2pt_kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")]
-)
-_module = importlib.util.module_from_spec(_spec)
-sys.modules["m2pt_kernels"] = _module
-_spec.loader.exec_module(_module)
+
+def _register(name: str, directory: Path) -> None:
+    spec = importlib.util.spec_from_file_location(
+        name, directory / "__init__.py", submodule_search_locations=[str(directory)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+
+
+_register("m2pt_kernels", ROOT / "kernels")
+_register("m2pt_fast", ROOT / "m2pt_fast")

@@ -1,14 +1,19 @@
-import importlib
 import subprocess
 import sys
+import tempfile
+
+
+def _run_elsewhere(code: str) -> str:
+    # From a neutral directory, so only the installed packages are visible (not the checkout's cwd).
+    with tempfile.TemporaryDirectory() as cwd:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=cwd)
+    return out.stdout.strip()
 
 
 def test_kernel_library_never_imports_m2pt_fast():
-    code = "import sys, m2pt_kernels, m2pt_kernels.reference; print('m2pt_fast' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert _run_elsewhere("import sys, m2pt_kernels, m2pt_kernels.reference; print('m2pt_fast' in sys.modules)") == "False"
 
 
 def test_no_top_level_kernels_package():
     # bitsandbytes probes for a package named `kernels`; ours must only be importable as m2pt_kernels.
-    assert importlib.util.find_spec("kernels") is None
+    assert _run_elsewhere("import importlib.util; print(importlib.util.find_spec('kernels'))") == "None"
