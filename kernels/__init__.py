@@ -2,5 +2,7 @@
 
 Standalone: this package never imports m2pt_fast.
 """
+from .nf4 import nf4_dequantize, nf4_linear, nf4_quantize  # noqa: F401
+from .nf4_format import NF4Weight  # noqa: F401
 
 __version__ = "0.1.0"

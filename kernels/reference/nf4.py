@@ -7,6 +7,7 @@ order of fp32 operations matters a comment says so, because reordering them chan
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -76,7 +77,8 @@ def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
     return torch.stack([p >> 4, p & 0xF], dim=1).reshape(-1)[:n]
 
 
-def _dynamic_lut(device) -> torch.Tensor:
+@functools.lru_cache(maxsize=None)
+def dynamic_lut(device="cpu") -> torch.Tensor:
     """bitsandbytes' CPU 8-bit quantizer does not search the code: it rounds the normalized value to
     one of 65536 evenly spaced points in [-1, 1] and looks the code up in a table built from the
     code's midpoints. Values within ~1.5e-5 of a midpoint can therefore land on the farther code;
@@ -95,7 +97,7 @@ def quantize_blockwise_8bit_reference(x: torch.Tensor, blocksize: int = NESTED_B
     v = (blocks * inv[:, None]).clamp(-1, 1)
     # ((v + 1) * 0.5) * 65535 + 0.5, each step rounded to fp32, then truncated: their exact sequence
     idx = ((((v + 1.0) * 0.5) * 65535.0) + 0.5).to(torch.int64).clamp(0, 65535)
-    q = _dynamic_lut(x.device)[idx]
+    q = dynamic_lut(x.device)[idx]
     q = torch.where(absmax[:, None] == 0, torch.zeros_like(q), q)    # an all-zero block codes as 0
     return q.reshape(-1)[:n], absmax
 
