@@ -162,6 +162,10 @@ def _check_linear(x: torch.Tensor, q: NF4Weight, bias: Optional[torch.Tensor]) -
 def _dense(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
     """The dense weight by the fastest available path on q's device."""
     if _dispatch.use_triton(q.packed):
+        if dtype == torch.bfloat16 and q.device.type == "cpu":
+            # the interpreter (numpy has no bf16) truncates fp32 -> bf16 instead of rounding to
+            # nearest even; let torch round so CPU results stay equal to bitsandbytes'
+            return _launch_dequantize(q, torch.float32).to(dtype)
         return _launch_dequantize(q, dtype)
     from . import _native  # CPU: the OpenMP build when present, else the reference
     if _native.available() and q.device.type == "cpu":
