@@ -1,7 +1,7 @@
 """The optional native CPU NF4 quantizer/dequantizer (csrc/nf4_cpu.cpp, C++ with OpenMP).
 
 setup.py builds it through CMake when CMake and a C++ compiler are present, into
-`m2pt_kernels/libm2pt_nf4.so`; an install without it is complete, only slower at quantizing large
+`m2pt_kernels/libm2pt_nf4*.so`; an install without it is complete, only slower at quantizing large
 checkpoints on the CPU. It is a plain C ABI loaded with ctypes, so it does not depend on the torch
 build it meets at run time. Byte-identical to reference/nf4.py (the tests check).
 
@@ -30,8 +30,9 @@ def _candidates():
     env = os.environ.get("M2PT_NATIVE_LIB")
     if env:
         yield Path(env)
-    yield here / LIBRARY_NAME
-    # an in-place development build (cmake -B build) next to the checkout
+    # setup.py puts it beside this file (named like an extension module: libm2pt_nf4.cpython-*.so)
+    yield from sorted(here.glob("libm2pt_nf4*.so"))
+    # a standalone development build (cmake -S . -B build) next to the checkout
     yield here.parent / "build" / LIBRARY_NAME
 
 
