@@ -47,14 +47,6 @@ inline uint16_t float_to_bf16(float f) {
     return static_cast<uint16_t>(bits >> 16);
 }
 
-inline float load(const void* src, int32_t dtype, int64_t i) {
-    switch (dtype) {
-        case kF16: return static_cast<float>(static_cast<const _Float16*>(src)[i]);
-        case kBF16: return bf16_to_float(static_cast<const uint16_t*>(src)[i]);
-        default: return static_cast<const float*>(src)[i];
-    }
-}
-
 // Index of the nearest NF4 value: the number of midpoints strictly below v, so a value exactly on a
 // midpoint takes the lower code (torch.bucketize with right=False). 15 compares vectorize well.
 inline uint8_t nf4_code(float v, const float* mid) {
@@ -75,12 +67,22 @@ int32_t m2pt_nf4_num_threads() {
 #endif
 }
 
-// src: n elements (fp32/fp16/bf16 per dtype), flattened weight. packed: (n + 1) / 2 bytes.
-// absmax: ceil(n / blocksize) floats. blocksize must be even (all NF4 blocksizes are), so no byte
-// straddles two blocks.
-int32_t m2pt_nf4_quantize(const void* src, int32_t dtype, int64_t n, int64_t blocksize, uint8_t* packed,
-                          float* absmax) {
-    if (n <= 0 || blocksize <= 0 || (blocksize & 1) || dtype < 0 || dtype > 2) return 1;
+}  // extern "C"
+
+namespace {
+
+template <int32_t DT>
+inline float load_t(const void* src, int64_t i) {
+    if constexpr (DT == kF16) return static_cast<float>(static_cast<const _Float16*>(src)[i]);
+    else if constexpr (DT == kBF16) return bf16_to_float(static_cast<const uint16_t*>(src)[i]);
+    else return static_cast<const float*>(src)[i];
+}
+
+constexpr int64_t kMaxBlock = 4096;
+
+// One loop per step over a block staged in fp32, so that each loop vectorizes.
+template <int32_t DT>
+void quantize_impl(const void* src, int64_t n, int64_t blocksize, uint8_t* packed, float* absmax) {
     float mid[15];
     for (int j = 0; j < 15; ++j) mid[j] = (kNF4[j] + kNF4[j + 1]) / 2.0f;
     const int64_t nblocks = (n + blocksize - 1) / blocksize;
@@ -88,55 +90,85 @@ int32_t m2pt_nf4_quantize(const void* src, int32_t dtype, int64_t n, int64_t blo
 
 #pragma omp parallel for schedule(static)
     for (int64_t b = 0; b < nblocks; ++b) {
+        alignas(64) float v[kMaxBlock];
+        alignas(64) uint8_t code[kMaxBlock + 1];
         const int64_t start = b * blocksize;
-        const int64_t end = std::min(start + blocksize, n);
+        const int64_t len = std::min(blocksize, n - start);
         float am = 0.0f;
-        for (int64_t i = start; i < end; ++i) am = std::max(am, std::fabs(load(src, dtype, i)));
+        for (int64_t i = 0; i < len; ++i) {
+            v[i] = load_t<DT>(src, start + i);
+            am = std::max(am, std::fabs(v[i]));
+        }
         const float safe = std::max(am, 1e-38f);  // all-zero blocks
         // bitsandbytes multiplies full blocks by a reciprocal but divides the short last block, and
         // stores the clamped absmax only for that last block
-        const bool short_block = start >= full;
-        absmax[b] = short_block ? safe : am;
-        const float inv = 1.0f / safe;
-        for (int64_t i = start; i < end; i += 2) {
-            float v0 = load(src, dtype, i);
-            v0 = short_block ? v0 / safe : v0 * inv;
-            uint8_t c0 = nf4_code(std::min(std::max(v0, -1.0f), 1.0f), mid);
-            uint8_t c1 = kZeroCode;
-            if (i + 1 < end) {
-                float v1 = load(src, dtype, i + 1);
-                v1 = short_block ? v1 / safe : v1 * inv;
-                c1 = nf4_code(std::min(std::max(v1, -1.0f), 1.0f), mid);
-            }
-            packed[i >> 1] = static_cast<uint8_t>((c0 << 4) | c1);
+        if (start < full) {
+            absmax[b] = am;
+            const float inv = 1.0f / safe;
+            for (int64_t i = 0; i < len; ++i) v[i] = v[i] * inv;
+        } else {
+            absmax[b] = safe;
+            for (int64_t i = 0; i < len; ++i) v[i] = v[i] / safe;
+        }
+        for (int64_t i = 0; i < len; ++i) code[i] = nf4_code(std::min(std::max(v[i], -1.0f), 1.0f), mid);
+        code[len] = kZeroCode;  // read only when len is odd (the last element of an odd count)
+        uint8_t* dst = packed + (start >> 1);
+        for (int64_t i = 0; i < (len + 1) / 2; ++i) dst[i] = static_cast<uint8_t>((code[2 * i] << 4) | code[2 * i + 1]);
+    }
+}
+
+template <int32_t DT>
+void dequantize_impl(const uint8_t* packed, const float* scales, int64_t n, int64_t blocksize, void* out) {
+    const int64_t nblocks = (n + blocksize - 1) / blocksize;
+
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < nblocks; ++b) {
+        alignas(64) float v[kMaxBlock + 1];
+        const int64_t start = b * blocksize;
+        const int64_t len = std::min(blocksize, n - start);
+        const float s = scales[b];
+        const uint8_t* src = packed + (start >> 1);
+        for (int64_t i = 0; i < (len + 1) / 2; ++i) {
+            v[2 * i] = kNF4[src[i] >> 4] * s;
+            v[2 * i + 1] = kNF4[src[i] & 0xF] * s;
+        }
+        for (int64_t i = 0; i < len; ++i) {
+            if constexpr (DT == kF16) static_cast<_Float16*>(out)[start + i] = static_cast<_Float16>(v[i]);
+            else if constexpr (DT == kBF16) static_cast<uint16_t*>(out)[start + i] = float_to_bf16(v[i]);
+            else static_cast<float*>(out)[start + i] = v[i];
         }
     }
-    return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+// src: n elements (fp32/fp16/bf16 per dtype), flattened weight. packed: (n + 1) / 2 bytes.
+// absmax: ceil(n / blocksize) floats. blocksize must be even and at most 4096 (all NF4 blocksizes
+// are), so no byte straddles two blocks.
+int32_t m2pt_nf4_quantize(const void* src, int32_t dtype, int64_t n, int64_t blocksize, uint8_t* packed,
+                          float* absmax) {
+    if (n <= 0 || blocksize <= 0 || blocksize > kMaxBlock || (blocksize & 1)) return 1;
+    switch (dtype) {
+        case kF32: quantize_impl<kF32>(src, n, blocksize, packed, absmax); return 0;
+        case kF16: quantize_impl<kF16>(src, n, blocksize, packed, absmax); return 0;
+        case kBF16: quantize_impl<kBF16>(src, n, blocksize, packed, absmax); return 0;
+        default: return 1;
+    }
 }
 
 // scales: fp32 per block (double quantization already undone by the caller). out: n elements of
 // dtype, each NF4 value * scale in fp32, rounded once.
 int32_t m2pt_nf4_dequantize(const uint8_t* packed, const float* scales, int64_t n, int64_t blocksize, void* out,
                             int32_t dtype) {
-    if (n <= 0 || blocksize <= 0 || (blocksize & 1) || dtype < 0 || dtype > 2) return 1;
-    const int64_t nblocks = (n + blocksize - 1) / blocksize;
-
-#pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < nblocks; ++b) {
-        const int64_t start = b * blocksize;
-        const int64_t end = std::min(start + blocksize, n);
-        const float s = scales[b];
-        for (int64_t i = start; i < end; ++i) {
-            const uint8_t byte = packed[i >> 1];
-            const float v = kNF4[(i & 1) ? (byte & 0xF) : (byte >> 4)] * s;
-            switch (dtype) {
-                case kF16: static_cast<_Float16*>(out)[i] = static_cast<_Float16>(v); break;
-                case kBF16: static_cast<uint16_t*>(out)[i] = float_to_bf16(v); break;
-                default: static_cast<float*>(out)[i] = v;
-            }
-        }
+    if (n <= 0 || blocksize <= 0 || blocksize > kMaxBlock || (blocksize & 1)) return 1;
+    switch (dtype) {
+        case kF32: dequantize_impl<kF32>(packed, scales, n, blocksize, out); return 0;
+        case kF16: dequantize_impl<kF16>(packed, scales, n, blocksize, out); return 0;
+        case kBF16: dequantize_impl<kBF16>(packed, scales, n, blocksize, out); return 0;
+        default: return 1;
     }
-    return 0;
 }
 
 // bitsandbytes' CPU 8-bit blockwise quantizer (double quantization of the absmax vector): the
