@@ -25,7 +25,7 @@ from transformers import LlavaForConditionalGeneration
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 
-BACKENDS = ("reference",)
+BACKENDS = ("reference", "fused")
 IGNORE_INDEX = -100
 
 
@@ -50,10 +50,11 @@ class M2PTConfig:
 
 @dataclass
 class M2PTOutput:
-    """`logits`: (B, T, V) for the text positions only (prompt positions removed)."""
+    """`logits`: (B, T, V) for the text positions only (prompt positions removed), or None where the
+    fused backend was not asked for them (it skips full-vocabulary logits when training)."""
 
     loss: torch.Tensor | None
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     past_key_values: Cache | None = None
 
 
@@ -234,6 +235,7 @@ class M2PTLlava(nn.Module):
         position_ids: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         use_cache: bool = False,
+        return_logits: bool | None = None,
     ) -> M2PTOutput:
         """The same inputs as transformers' LLaVA.
 
@@ -241,14 +243,30 @@ class M2PTLlava(nn.Module):
         attention_mask: (B, T_past + T), 1 for tokens, 0 for padding (prompt positions are added here);
         labels: (B, T), -100 where no loss is taken; position_ids: (B, T) text positions (default
         0.. for a fresh sequence), shifted by n_t internally; past_key_values: a cache from an earlier
-        call (it holds the prompt rows).
+        call (it holds the prompt rows). return_logits: default True for the reference backend; the
+        fused backend computes logits only when asked or when no labels are given.
         """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
         if self.backend == "reference":
             return self._forward_reference(input_ids, pixel_values, attention_mask, labels, position_ids,
                                            past_key_values, use_cache)
-        raise AssertionError(f"unhandled backend {self.backend!r}")
+        from . import fused
 
-    def _embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        if use_cache or past_key_values is not None:
+            # Decoding: the prompt K/V enter the cache once, computed for the whole batch, then the
+            # text runs through the cached path.
+            if past_key_values is None:
+                past_key_values = fused.prompt_cache(self, input_ids.shape[0])
+            return self._forward_reference(input_ids, pixel_values, attention_mask, labels, position_ids,
+                                           past_key_values, True, features_fn=fused.image_features)
+        if return_logits is None:
+            return_logits = labels is None
+        loss, logits = fused.forward(self, input_ids, pixel_values, attention_mask, labels, position_ids,
+                                     return_logits)
+        return M2PTOutput(loss=loss, logits=logits)
+
+    def _embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, features_fn=None) -> torch.Tensor:
         embeds = self.llava.model.language_model.embed_tokens(input_ids)  # (B, T, d)
         is_image = input_ids == self.image_token_id
         num_image_tokens = int(is_image.sum())
@@ -261,14 +279,12 @@ class M2PTLlava(nn.Module):
                 f"placeholder to {self.image_seq_length} image tokens, one per image in pixel_values"
             )
         if num_images:
-            features = self.image_features(pixel_values)  # (B_img, S, d)
+            features = (features_fn or M2PTLlava.image_features)(self, pixel_values)  # (B_img, S, d)
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), features.to(embeds.dtype))
         return embeds
 
     def _forward_reference(self, input_ids, pixel_values, attention_mask, labels, position_ids,
-                           past_key_values, use_cache) -> M2PTOutput:
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
+                           past_key_values, use_cache, features_fn=None) -> M2PTOutput:
         batch, seq_len = input_ids.shape
         n = self.num_text_prompts
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -288,7 +304,7 @@ class M2PTLlava(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(text_past, text_past + seq_len, device=device).expand(batch, seq_len)
 
-        hidden = self._embed(input_ids, pixel_values)
+        hidden = self._embed(input_ids, pixel_values, features_fn)
         mask = torch.cat([attention_mask.new_ones(batch, n), attention_mask], dim=1)  # (B, n + T_past + T)
         positions = position_ids + n
         if prefill and n:
