@@ -57,7 +57,7 @@ def prefix_attention_reference(
     """
     batch, heads_q, seq_len, head_dim = q.shape
     heads_kv = k.shape[1]
-    if prefix_k is None or prefix_k.shape[-2] == 0:
+    if prefix_k is None:
         keys, values = k, v  # (B, Hkv, N, D)
         prefix_len = 0
     else:
