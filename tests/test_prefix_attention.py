@@ -152,6 +152,21 @@ def test_matches_float64_reference(case, dtype, poisoned_outputs):
 
 
 @needs_kernel
+@pytest.mark.parametrize("case", [
+    Case(3, 2, 1, 37, 20, 32, causal=True, kv_lens=(37, 0, 23)),
+    Case(1, 2, 2, 50, 7, 40, kv_lens=(41,)),
+], ids=str)
+def test_unequal_query_and_key_tiles(case, monkeypatch, poisoned_outputs):
+    # On a GPU the query and key tiles differ in size (e.g. 128 × 64 in forward); the interpreter
+    # uses 16 × 16. Block-skipping and mask-boundary arithmetic must hold for either ratio.
+    # Causal with 32-query × 16-key dk/dv tiles: the diagonal ends mid-way through a query tile.
+    tiles = dict(fwd=(32, 16, 1, 1), dq=(16, 32, 1, 1), dkdv=(32, 16, 1, 1) if case.causal else (16, 32, 1, 1))
+    monkeypatch.setattr(kernel_module, "_tile_sizes", lambda *args: tiles)
+    leaves, kv_lens, grad_out = make_inputs(case, torch.float32, "cuda" if HAS_CUDA else "cpu")
+    assert_error_ratio(case, torch.float32, leaves, kv_lens, grad_out)
+
+
+@needs_kernel
 def test_kernel_path_is_taken(monkeypatch):
     # Guard for the test above: it must exercise the kernels, not fall back to the reference.
     calls = []
