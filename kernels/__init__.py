@@ -4,3 +4,4 @@ Standalone: this package never imports m2pt_fast.
 """
 
 __version__ = "0.1.0"
+from .prefix_attention import prefix_attention  # noqa: F401
