@@ -63,25 +63,18 @@ def _clip_layer(layer, hidden: torch.Tensor, prompts: torch.Tensor | None) -> to
     return hidden + layer.mlp(layer.layer_norm2(hidden))
 
 
-def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    """pixel_values (B_img, 3, H, W) -> projected features (B_img, S, d_text), fused form."""
-    from .model import _vision_tower_parts
+def clip_states(vision, hidden: torch.Tensor, prompts: torch.Tensor, depth: int, training: bool) -> list[torch.Tensor]:
+    """Fused counterpart of reference.clip_states: hidden (B, N, d) never holds prompt rows.
 
-    model._check_pixels(pixel_values)
-    vision = _vision_tower_parts(model.llava)
-    hidden = vision.embeddings(pixel_values.to(vision.embeddings.patch_embedding.weight.dtype))
-    hidden = vision.pre_layrnorm(hidden)  # (B, 1 + patches, d_v): no prompt rows in the sequence
-    n = model.num_vision_prompts
-    states = {0: hidden}
-    # Layers after the deepest selected one cannot affect the features: they are not run.
-    for i in range(max(model.feature_layers)):
+    prompts: (>= depth, n, d). Returns states[k] (B, N, d) after k layers, for k = 0..depth.
+    """
+    states = [hidden]
+    for i in range(depth):
         layer = vision.encoder.layers[i]
-        prompts = model.vision_prompts[i] if n else None
-        hidden = _maybe_checkpoint(layer, model.training, _clip_layer, layer, hidden, prompts)
-        states[i + 1] = hidden
-    start = 1 if model.llava.config.vision_feature_select_strategy == "default" else 0
-    selected = torch.cat([states[k][:, start:] for k in model.feature_layers], dim=-1)
-    return model.projector(selected)
+        layer_prompts = prompts[i] if prompts.shape[1] else None
+        hidden = _maybe_checkpoint(layer, training, _clip_layer, layer, hidden, layer_prompts)
+        states.append(hidden)
+    return states
 
 
 # -------------------------------------------------------------------------------------------- text
@@ -131,20 +124,19 @@ def _chunk_loss(lm_head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.T
     return F.cross_entropy(lm_head(hidden).float(), targets, reduction="sum")
 
 
-def _loss(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _loss(lm, lm_head, prompts: torch.Tensor, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token loss over targets != -100, taking lm_head only where a target exists.
 
     hidden: (B, T, d) final-normed text states; labels: (B, T) text labels. A label on the first
     text token is predicted by the last prompt row, as in the reference; that row is computed only
     when such a label exists.
     """
-    lm_head = model.llava.lm_head
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # position t predicts labels[t + 1]
     keep = targets != IGNORE_INDEX
     rows, row_targets = hidden[keep], targets[keep]  # (M, d), (M,)
     first = labels[:, 0] != IGNORE_INDEX
-    if first.any() and model.num_text_prompts:
-        last_prompt = _last_prompt_row(model).to(hidden.dtype)  # (d,)
+    if first.any() and prompts.shape[1]:
+        last_prompt = _last_prompt_row(lm, prompts).to(hidden.dtype)  # (d,)
         rows = torch.cat([rows, last_prompt.expand(int(first.sum()), -1)])
         row_targets = torch.cat([row_targets, labels[:, 0][first]])
     count = row_targets.numel()
@@ -159,56 +151,57 @@ def _loss(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return total / count  # no targets: 0/0 = nan, as the reference gives
 
 
-def _last_prompt_row(model) -> torch.Tensor:
+def _last_prompt_row(lm, prompts: torch.Tensor) -> torch.Tensor:
     """Final-normed state of the last prompt row: the only prompt-row output the loss can use.
 
     In the last decoder layer the prompt rows hold that layer's prompts and attend only to each
     other (causally, positions 0..n-1), so the row depends on the prompts alone, not on the batch.
     """
-    lm = model.llava.model.language_model
-    prompts = model.text_prompts[-1][None]  # (1, n, d)
-    n = prompts.shape[1]
-    cos, sin = lm.rotary_emb(prompts, torch.arange(n, device=prompts.device)[None])
-    out = _llama_layer(lm.layers[-1], lm.rotary_emb, prompts, cos, sin, None, None)
+    rows = prompts[-1][None].to(lm.embed_tokens.weight.dtype)  # (1, n, d)
+    n = rows.shape[1]
+    cos, sin = lm.rotary_emb(rows, torch.arange(n, device=rows.device)[None])
+    out = _llama_layer(lm.layers[-1], lm.rotary_emb, rows, cos, sin, None, None)
     return lm.norm(out)[0, -1]
 
 
-def forward(model, input_ids, pixel_values, attention_mask, labels, position_ids, return_logits):
-    """Fused training/scoring forward (no cache). Returns (loss, logits or None)."""
-    batch, seq_len = input_ids.shape
-    n = model.num_text_prompts
-    lm = model.llava.model.language_model
+def text_forward(lm, lm_head, prompts, embeds, attention_mask, labels, position_ids, return_logits, training):
+    """Fused counterpart of reference.text_forward for training and scoring (no cache).
+
+    lm: a transformers LlamaModel; prompts: (L, n, d); embeds: (B, T, d); attention_mask: (B, T),
+    right-padded; labels: (B, T) or None. Returns (loss or None, logits (B, T, V) or None).
+    """
+    batch, seq_len, _ = embeds.shape
+    n = prompts.shape[1]
     if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
+        attention_mask = torch.ones(batch, seq_len, dtype=torch.long, device=embeds.device)
     if tuple(attention_mask.shape) != (batch, seq_len):
         raise ValueError(f"attention_mask must have shape {(batch, seq_len)}, got {tuple(attention_mask.shape)}")
-    if labels is not None and labels.shape != input_ids.shape:
-        raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+    if labels is not None and tuple(labels.shape) != (batch, seq_len):
+        raise ValueError(f"labels must have the shape of input_ids {(batch, seq_len)}, got {tuple(labels.shape)}")
     kv_lens = _right_padded_lengths(attention_mask)
     if position_ids is None:
-        position_ids = torch.arange(seq_len, device=input_ids.device).expand(batch, seq_len)
+        position_ids = torch.arange(seq_len, device=embeds.device).expand(batch, seq_len)
 
-    hidden = model._embed(input_ids, pixel_values, features_fn=image_features)
+    hidden = embeds
     cos, sin = lm.rotary_emb(hidden, position_ids + n)  # text positions start after the prompts
     for j, layer in enumerate(lm.layers):
-        prompts = model.text_prompts[j] if n else None
-        hidden = _maybe_checkpoint(layer, model.training, _llama_layer, layer, lm.rotary_emb, hidden, cos, sin,
-                                   prompts, kv_lens)
+        layer_prompts = prompts[j] if n else None
+        hidden = _maybe_checkpoint(layer, training, _llama_layer, layer, lm.rotary_emb, hidden, cos, sin,
+                                   layer_prompts, kv_lens)
     hidden = lm.norm(hidden)
-    loss = _loss(model, hidden, labels) if labels is not None else None
-    logits = model.llava.lm_head(hidden) if return_logits else None
+    loss = _loss(lm, lm_head, prompts, hidden, labels) if labels is not None else None
+    logits = lm_head(hidden) if return_logits else None
     return loss, logits
 
 
-def prompt_cache(model, batch: int) -> DynamicCache:
-    """A KV cache holding every decoder layer's prompt K/V (computed once, expanded over the batch)."""
-    lm = model.llava.model.language_model
-    cache = DynamicCache(config=lm.config)
-    n = model.num_text_prompts
-    if n == 0:
+def prompt_cache(lm, prompts: torch.Tensor, batch: int, cache: DynamicCache | None = None) -> DynamicCache:
+    """Fill an empty (or new) KV cache with every decoder layer's prompt K/V, computed once and
+    expanded over the batch."""
+    cache = DynamicCache(config=lm.config) if cache is None else cache
+    if prompts.shape[1] == 0:
         return cache
     dtype = lm.embed_tokens.weight.dtype
     for j, layer in enumerate(lm.layers):
-        k, v = _llama_prefix_kv(layer, lm.rotary_emb, model.text_prompts[j].to(dtype))  # (Hkv, n, Dh)
+        k, v = _llama_prefix_kv(layer, lm.rotary_emb, prompts[j].to(dtype))  # (Hkv, n, Dh)
         cache.update(k.expand(batch, -1, -1, -1).contiguous(), v.expand(batch, -1, -1, -1).contiguous(), j)
     return cache

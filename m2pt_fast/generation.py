@@ -7,7 +7,6 @@ right end of every row.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import DynamicCache
 
 
 def _check_left_padded(attention_mask: torch.Tensor) -> None:
@@ -71,8 +70,7 @@ def generate(
 
     # Positions count real tokens only, so left padding does not shift them.
     positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.llava.model.language_model.config)
-    out = model(input_ids, pixel_values, attention_mask, position_ids=positions, past_key_values=cache, use_cache=True)
+    out = model(input_ids, pixel_values, attention_mask, position_ids=positions, use_cache=True)
     tokens = input_ids
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     next_position = positions[:, -1:] + 1
