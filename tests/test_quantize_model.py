@@ -218,3 +218,24 @@ def test_missing_tensors_are_a_clear_error(fp_model, tmp_path):
 def test_not_a_model_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_quantized(tmp_path)
+
+
+def test_apply_m2pt_on_a_quantized_model(fp_model, inputs):
+    from m2pt_fast import apply_m2pt
+
+    llava = _clone(fp_model)
+    quantize_model(llava)
+    model = apply_m2pt(llava, 2, 3)
+    ids, pixels, labels = inputs["input_ids"], inputs["pixel_values"], inputs["labels"]
+    with torch.no_grad():
+        loss_reference = model(ids, pixels, labels=labels).loss
+    model.backend = "fused"
+    loss = model(ids, pixels, labels=labels).loss
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss, loss_reference, rtol=1e-5, atol=1e-6)
+    loss.backward()
+    for prompts in (model.vision_prompts, model.text_prompts):
+        assert prompts.grad is not None and torch.isfinite(prompts.grad).all() and prompts.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in model.projector.parameters())
+    # nothing inside the NF4 layers trains
+    assert not any(p.requires_grad for m in llava.modules() if isinstance(m, NF4Linear) for p in m.parameters())
