@@ -11,12 +11,13 @@ dequantizes tiles in registers and never writes the dense weight.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 
 from . import _dispatch
-from .nf4_format import DYNAMIC_CODE, NESTED_BLOCKSIZE, NF4_CODE, NF4Weight
+from .nf4_format import DYNAMIC_CODE, NF4_CODE, NF4Weight
 from .reference import nf4 as _ref
 
 try:
@@ -41,7 +42,7 @@ if triton is not None:
         # separately rounded fp32 ops (the launcher turns off FMA fusion so the bytes match bitsandbytes)
         if DOUBLE_QUANT:
             q8 = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
-            nested = tl.load(nested_ptr + blk // 256, mask=mask, other=0.0)
+            nested = tl.load(nested_ptr + blk // 256, mask=mask, other=0.0)  # NESTED_BLOCKSIZE
             offset = tl.load(offset_ptr)
             scale = tl.load(dyn_ptr + q8, mask=mask, other=0.0) * nested + offset
         else:
@@ -104,12 +105,17 @@ if triton is not None:
 
 
 # ---- launchers ----------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _tables(device: torch.device):
+    """The NF4 and 8-bit dynamic code tables on `device`, copied there once, not on every call."""
+    return NF4_CODE.to(device), DYNAMIC_CODE.to(device)
+
+
 def _stat_args(q: NF4Weight):
     """Kernel pointer arguments for the statistics; unused ones get a valid dummy (never read)."""
-    dev = q.device
-    code = NF4_CODE.to(dev)
+    code, dyn = _tables(q.device)
     if q.double_quant:
-        return q.absmax, q.nested_absmax, q.nested_offset.reshape(1), DYNAMIC_CODE.to(dev), code
+        return q.absmax, q.nested_absmax, q.nested_offset.reshape(1), dyn, code
     return q.absmax, q.absmax, q.absmax, code, code
 
 
@@ -131,7 +137,9 @@ def _launch_fused_linear(x2d: torch.Tensor, q: NF4Weight, bias: Optional[torch.T
     N = q.shape[0]
     out = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
     absmax, nested, offset, dyn, code = _stat_args(q)
-    BLOCK_M, BLOCK_N, BLOCK_K = 16, 64, 64
+    # PROVISIONAL tiles (no GPU this session): 16 rows is tl.dot's smallest M; 32 output columns per
+    # program give a 4096-wide layer 128 programs, about one per H100 SM, where 64 would idle half
+    BLOCK_M, BLOCK_N, BLOCK_K = 16, 32, 64
     grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(M, BLOCK_M))
     _nf4_fused_linear_kernel[grid](
         x2d, q.packed, absmax, nested, offset, dyn, code, bias if bias is not None else x2d, out,
