@@ -183,7 +183,9 @@ def _dense(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
 
 def _forward(x: torch.Tensor, q: NF4Weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
     x2d = x.reshape(-1, x.shape[-1])                                 # (M, K)
-    if x2d.shape[0] <= FUSED_MAX_M and _dispatch.use_triton(x2d, q.packed):
+    # the interpreter's bf16 tl.dot returns garbage (DESIGN.md §4): on CPU bf16 takes the dense path
+    interpreted_bf16 = x.device.type == "cpu" and x.dtype == torch.bfloat16
+    if x2d.shape[0] <= FUSED_MAX_M and not interpreted_bf16 and _dispatch.use_triton(x2d, q.packed):
         out = _launch_fused_linear(x2d, q, bias)
     else:
         out = torch.nn.functional.linear(x2d, _dense(q, x.dtype), bias)

@@ -186,7 +186,7 @@ def test_triton_fused_linear_matches_reference(M, N, K, dtype, double_quant):
 
 
 # ---- nf4_linear: forward and input gradient on every path ---------------------------------------------
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("lead", [(1,), (2, 3), (40,)])  # M = 1 and 6 take the fused path, 40 the dequant path
 def test_nf4_linear_output_and_input_gradient(lead, dtype):
     dev = "cuda" if CUDA else "cpu"
