@@ -293,3 +293,28 @@ def test_native_is_byte_identical_to_reference(shape, blocksize, dtype, double_q
         assert torch.equal(nat.nested_absmax, ref.nested_absmax) and torch.equal(nat.nested_offset, ref.nested_offset)
     for out_dtype in (torch.float32, torch.bfloat16, torch.float16):
         assert torch.equal(_native.dequantize(ref, out_dtype), nf4_dequantize_reference(ref, out_dtype))
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_recompute_and_backward_share_one_dequantization(monkeypatch, checkpointed, reentrant):
+    # forward dequantizes once; with checkpointing the recompute dequantizes again and the backward
+    # reuses that copy, so both cases cost two dequantizations per step
+    q = nf4_quantize(_weight((24, 64), seed=9))
+    calls = []
+    real = nf4_ops._dense
+    monkeypatch.setattr(nf4_ops, "_dense", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(nf4_ops.FUSED_MAX_M + 8, 64, requires_grad=True)
+
+    def layer(inp):
+        return torch.tanh(nf4_linear(inp, q))
+
+    if checkpointed:
+        y = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=reentrant)
+    else:
+        y = layer(x)
+        assert not y.grad_fn.next_functions[0][0].keeps_dense  # a plain forward saves no dense copy
+    y.sum().backward()
+    assert len(calls) == 2
+    expected = torch.autograd.grad(torch.tanh(x @ nf4_dequantize_reference(q).T).sum(), x)[0]
+    torch.testing.assert_close(x.grad, expected, atol=1e-5, rtol=1e-5)

@@ -239,3 +239,19 @@ def test_apply_m2pt_on_a_quantized_model(fp_model, inputs):
     assert all(p.grad is not None for p in model.projector.parameters())
     # nothing inside the NF4 layers trains
     assert not any(p.requires_grad for m in llava.modules() if isinstance(m, NF4Linear) for p in m.parameters())
+
+
+def test_gradient_checkpointing_on_a_quantized_model(fp_model, inputs):
+    from m2pt_fast import apply_m2pt
+
+    llava = _clone(fp_model)
+    quantize_model(llava)
+    model = apply_m2pt(llava, 2, 3, backend="fused")
+    ids, pixels, labels = inputs["input_ids"], inputs["pixel_values"], inputs["labels"]
+    model.train()
+    model(ids, pixels, labels=labels).loss.backward()
+    plain = model.text_prompts.grad.clone()
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    model(ids, pixels, labels=labels).loss.backward()
+    torch.testing.assert_close(model.text_prompts.grad, plain, rtol=1e-5, atol=1e-7)
