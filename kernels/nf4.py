@@ -119,8 +119,11 @@ def _stat_args(q: NF4Weight):
     return q.absmax, q.absmax, q.absmax, code, code
 
 
-def _launch_dequantize(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
-    out = torch.empty(q.shape, dtype=dtype, device=q.device)
+def _launch_dequantize(q: NF4Weight, dtype: torch.dtype, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The dense weight into `out` (new if None; tests pass a NaN-poisoned one)."""
+    if out is None:
+        out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
     n = q.numel
     absmax, nested, offset, dyn, code = _stat_args(q)
     grid = (triton.cdiv(n, _DEQUANT_BLOCK),)
@@ -132,10 +135,13 @@ def _launch_dequantize(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def _launch_fused_linear(x2d: torch.Tensor, q: NF4Weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _launch_fused_linear(x2d: torch.Tensor, q: NF4Weight, bias: Optional[torch.Tensor],
+                         out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x2d (M, K) @ W.T (+ bias) -> (M, N) in x2d's dtype, into `out` (new if None)."""
     M, K = x2d.shape
     N = q.shape[0]
-    out = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
+    if out is None:
+        out = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
     absmax, nested, offset, dyn, code = _stat_args(q)
     # PROVISIONAL tiles (no GPU this session): 16 rows is tl.dot's smallest M; 32 output columns per
     # program give a 4096-wide layer 128 programs, about one per H100 SM, where 64 would idle half

@@ -165,7 +165,8 @@ def test_sqnr_is_what_nf4_gives():
 def test_triton_dequantize_is_exact(shape, blocksize, dtype, double_quant):
     dev = "cuda" if CUDA else "cpu"
     q = nf4_quantize_reference(_weight(shape, seed=1), blocksize, double_quant).to(dev)
-    out = nf4_ops._launch_dequantize(q, dtype)
+    poisoned = torch.full(q.shape, float("nan"), dtype=dtype, device=dev)
+    out = nf4_ops._launch_dequantize(q, dtype, out=poisoned)
     assert torch.equal(out, nf4_dequantize_reference(q, dtype))
 
 
@@ -179,7 +180,8 @@ def test_triton_fused_linear_matches_reference(M, N, K, dtype, double_quant):
     g = torch.Generator().manual_seed(N)
     x = torch.randn(M, K, generator=g).to(dev, dtype)
     bias = torch.randn(N, generator=g).to(dev, dtype)
-    out = nf4_ops._launch_fused_linear(x, q, bias)
+    poisoned = torch.full((M, N), float("nan"), dtype=dtype, device=dev)
+    out = nf4_ops._launch_fused_linear(x, q, bias, out=poisoned)
     ref = nf4_linear_reference(x.float(), q, bias.float()).to(dtype)
     atol, rtol = LINEAR_TOL[dtype]
     torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
