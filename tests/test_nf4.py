@@ -320,3 +320,22 @@ def test_recompute_and_backward_share_one_dequantization(monkeypatch, checkpoint
     assert len(calls) == 2
     expected = torch.autograd.grad(torch.tanh(x @ nf4_dequantize_reference(q).T).sum(), x)[0]
     torch.testing.assert_close(x.grad, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_native_library_can_be_turned_off():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    kernels_dir = Path(nf4_ops.__file__).resolve().parent
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('m2pt_kernels', {str(kernels_dir / '__init__.py')!r}, "
+        f"submodule_search_locations=[{str(kernels_dir)!r}])\n"
+        "m = importlib.util.module_from_spec(spec); sys.modules['m2pt_kernels'] = m; spec.loader.exec_module(m)\n"
+        "from m2pt_kernels import _native; print(_native.available(), _native.describe())\n"
+    )
+    env = dict(os.environ, M2PT_NATIVE="0", TRITON_INTERPRET="0")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env, cwd="/")
+    assert out.stdout.startswith("False NF4 CPU path: PyTorch reference (turned off by M2PT_NATIVE=0)")
