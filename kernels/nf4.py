@@ -32,7 +32,7 @@ except ImportError:  # the reference path still works; _dispatch.use_triton() re
 # bench/test_bench_nf4.py (M in {1, 16, 256, 5632}) and move this one number.
 FUSED_MAX_M = 16
 
-_DEQUANT_BLOCK = 1024  # output elements per program: 512 bytes of codes, enough to hide latency
+_DEQUANT_BLOCK = 2048  # output elements per program: 1 KiB of codes in, 4 KiB of bf16 out
 
 if triton is not None:
 
@@ -52,20 +52,22 @@ if triton is not None:
     @triton.jit
     def _nf4_dequant_kernel(
         packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, code_ptr, out_ptr,
-        n,
+        n, nbytes,
         BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK: tl.constexpr,
     ):
-        # one program writes BLOCK consecutive elements of the flattened weight; BLOCK is a multiple of
-        # BLOCKSIZE or a divisor of it, so a program touches whole bytes and few scales
+        # one program turns BLOCK // 2 bytes into BLOCK consecutive elements of the flattened weight.
+        # Working per byte loads each byte and each scale once; both nibbles of a byte share a block
+        # because every supported blocksize is even.
         pid = tl.program_id(0)
-        e = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)           # element index (BLOCK,)
-        mask = e < n
-        byte = tl.load(packed_ptr + e // 2, mask=mask, other=0).to(tl.int32)
-        # even element in the high nibble
-        nib = tl.where((e % 2) == 0, byte >> 4, byte & 0xF)
-        value = tl.load(code_ptr + nib, mask=mask, other=0.0)       # fp32 NF4 value, from L1
-        scale = _block_scales(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, e // BLOCKSIZE, mask, DOUBLE_QUANT)
-        tl.store(out_ptr + e, (value * scale).to(out_ptr.dtype.element_ty), mask=mask)
+        b = pid.to(tl.int64) * (BLOCK // 2) + tl.arange(0, BLOCK // 2)   # byte index (BLOCK/2,)
+        bmask = b < nbytes
+        byte = tl.load(packed_ptr + b, mask=bmask, other=0).to(tl.int32)
+        scale = _block_scales(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, (2 * b) // BLOCKSIZE, bmask, DOUBLE_QUANT)
+        hi = tl.load(code_ptr + (byte >> 4), mask=bmask, other=0.0) * scale     # even elements
+        lo = tl.load(code_ptr + (byte & 0xF), mask=bmask, other=0.0) * scale    # odd elements
+        values = tl.reshape(tl.join(hi, lo), (BLOCK,))                   # (BLOCK/2, 2) -> interleaved
+        e = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out_ptr + e, values.to(out_ptr.dtype.element_ty), mask=e < n)
 
     @triton.jit
     def _nf4_fused_linear_kernel(
@@ -128,7 +130,7 @@ def _launch_dequantize(q: NF4Weight, dtype: torch.dtype, out: Optional[torch.Ten
     absmax, nested, offset, dyn, code = _stat_args(q)
     grid = (triton.cdiv(n, _DEQUANT_BLOCK),)
     _nf4_dequant_kernel[grid](
-        q.packed, absmax, nested, offset, dyn, code, out, n,
+        q.packed, absmax, nested, offset, dyn, code, out, n, q.packed.numel(),
         BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, BLOCK=_DEQUANT_BLOCK,
         enable_fp_fusion=False,
     )
