@@ -2,9 +2,10 @@
 
 Standalone: this package never imports m2pt_fast.
 """
-
 if __name__ == "m2pt_kernels":
     __version__ = "0.1.0"
+    from .nf4 import nf4_dequantize, nf4_linear, nf4_quantize  # noqa: F401
+    from .nf4_format import NF4Weight  # noqa: F401
     from .prefix_attention import prefix_attention  # noqa: F401
 # Otherwise this directory was found as a top-level `kernels`, because the repository root is on
 # sys.path (`python -m ...` run from it). That name belongs to the Hugging Face kernel-hub package,
