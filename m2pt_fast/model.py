@@ -11,7 +11,10 @@ The "reference" backend computes DESIGN.md §1's reference form, step by step:
 - text: `text_prompts[0]` is prepended to the input embeddings (before BOS); the attention mask gains
   n_t ones, positions shift by n_t, labels gain n_t × -100; before decoder layer j > 0 the prompt rows
   are overwritten with `text_prompts[j]`.
-It is the oracle every fast path is checked against, so it favours plainness over speed.
+It is the oracle every fast path is checked against, so it favours plainness over speed
+(m2pt_fast/reference.py). The "fused" backend computes the same function with the prompts as
+batch-shared prefix K/V inside attention and a loss over answer tokens only (m2pt_fast/fused.py).
+`backend` can be switched between calls on the same object.
 """
 from __future__ import annotations
 
