@@ -89,7 +89,8 @@ if triton is not None:
         # grid: (cdiv(N, BLOCK_M), B * Hq); one program owns BLOCK_M queries of one (batch, q head).
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
-        b = pid_bh // heads_q
+        # Batch offsets in int64: b · stride_b passes 2**31 elements for large batches.
+        b = (pid_bh // heads_q).to(tl.int64)
         hq = pid_bh % heads_q
         hkv = hq // group_size
         start_m = pid_m * BLOCK_M
@@ -184,7 +185,7 @@ if triton is not None:
         # grid: (cdiv(N, BLOCK_M), B * Hq); the same walk over keys as the forward.
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
-        b = pid_bh // heads_q
+        b = (pid_bh // heads_q).to(tl.int64)
         hq = pid_bh % heads_q
         hkv = hq // group_size
         start_m = pid_m * BLOCK_M
@@ -287,7 +288,7 @@ if triton is not None:
         # every prefix key).
         pid_n = tl.program_id(0)
         pid_bh = tl.program_id(1)
-        b = pid_bh // heads_kv
+        b = (pid_bh // heads_kv).to(tl.int64)
         hkv = pid_bh % heads_kv
         start_n = pid_n * BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -352,7 +353,7 @@ def _tile_sizes(block_d: int, dtype: torch.dtype, device: torch.device) -> dict:
     tiny shapes. GPU sizes are untuned starting points for sm_80/sm_90 that keep the fp32
     accumulators of one program in registers (two of them in backward's dk/dv kernel).
     """
-    if device.type != "cuda":
+    if device.type != "cuda" or interpreter_enabled():
         return dict(fwd=(16, 16, 1, 1), dq=(16, 16, 1, 1), dkdv=(16, 16, 1, 1))
     wide = block_d > 64 or dtype == torch.float32  # twice the registers per row
     if block_d > 128:
@@ -612,15 +613,25 @@ def prefix_attention(
     Returns (B, Hq, N, D) in q's dtype. Differentiable in q, k, v, prefix_k and prefix_v; a shared
     prefix receives its gradient summed over the batch.
 
-    Runs the Triton kernels on CUDA tensors (and on CPU tensors under TRITON_INTERPRET=1), the
-    pure-PyTorch reference otherwise. To torch.compile the kernel path is a single custom op.
+    Runs the Triton kernels on CUDA tensors (and on fp16/fp32 CPU tensors under TRITON_INTERPRET=1),
+    the pure-PyTorch reference otherwise. Under torch.autocast, all five tensors are cast to the
+    autocast dtype first. To torch.compile the kernel path is a single custom op.
     """
+    if torch.is_autocast_enabled(q.device.type):
+        # Like SDPA under autocast: attention runs in the autocast dtype, whatever the inputs'
+        # (typically bf16 activations meeting fp32 prefix parameters).
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v, prefix_k, prefix_v = (None if t is None else t.to(dtype) for t in (q, k, v, prefix_k, prefix_v))
     _check_inputs(q, k, v, prefix_k, prefix_v, kv_lens)
     head_dim = q.shape[-1]
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim)
     on_kernel = (
-        q.dtype in _KERNEL_DTYPES and head_dim <= _MAX_HEAD_DIM and use_triton(q, k, v, prefix_k, prefix_v, kv_lens)
+        q.dtype in _KERNEL_DTYPES
+        and head_dim <= _MAX_HEAD_DIM
+        # The interpreter's bf16 tl.dot returns garbage: bf16 on CPU always takes the reference.
+        and not (q.device.type == "cpu" and q.dtype == torch.bfloat16)
+        and use_triton(q, k, v, prefix_k, prefix_v, kv_lens)
     )
     if not on_kernel:
         return prefix_attention_reference(

@@ -189,6 +189,32 @@ def test_cpu_without_interpreter_runs_the_reference(monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@needs_kernel
+def test_gradient_with_stride_zero(poisoned_outputs):
+    # out.sum().backward() hands the backward an expanded scalar: every stride of grad_out is 0.
+    case = Case(1, 2, 1, 17, 3, 32, causal=True)
+    leaves, kv_lens, _ = make_inputs(case, torch.float32, "cuda" if HAS_CUDA else "cpu")
+    got = [t.detach().requires_grad_() for t in leaves]
+    want = [t.detach().double().requires_grad_() for t in leaves]
+    prefix_attention(*got, causal=True).sum().backward()
+    prefix_attention_reference(*want, causal=True).sum().backward()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.grad, b.grad.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_autocast_runs_in_the_autocast_dtype(monkeypatch):
+    # fp32 prefix parameters meet bf16 activations under autocast, as in a mixed-precision model;
+    # on CPU bf16 always takes the reference (the interpreter's bf16 dot is unusable).
+    monkeypatch.setattr(kernel_module, "_forward", lambda *a: pytest.fail("bf16 kernel in the interpreter"))
+    case = Case(2, 2, 2, 6, 3, 32, causal=True)
+    (q, k, v, pk, pv), kv_lens, grad_out = make_inputs(case, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = prefix_attention(q, k, v, pk, pv, causal=True)
+    assert out.dtype == torch.bfloat16
+    out.float().backward(grad_out)
+    assert pk.grad.dtype == torch.float32 and torch.isfinite(pk.grad).all()
+
+
 def test_float64_runs_the_reference():
     case = Case(1, 2, 1, 6, 3, 32, causal=True)
     leaves, kv_lens, grad_out = make_inputs(case, torch.float64)
