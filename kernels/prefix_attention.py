@@ -168,12 +168,13 @@ if triton is not None:
 
     @triton.jit
     def _prefix_attention_bwd_dq_kernel(
-        Q, K, V, PK, PV, KV_LENS, DO, LSE, DELTA, DQ,
+        Q, K, V, PK, PV, KV_LENS, OUT, DO, LSE, DELTA, DQ,
         stride_qb, stride_qh, stride_qn, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_pkb, stride_pkh, stride_pkn, stride_pkd,
         stride_pvb, stride_pvh, stride_pvn, stride_pvd,
+        stride_ob, stride_oh, stride_on, stride_od,
         stride_dob, stride_doh, stride_don, stride_dod,
         stride_lb, stride_lh, stride_ln,
         stride_dqb, stride_dqh, stride_dqn, stride_dqd,
@@ -182,7 +183,10 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
     ):
-        # grid: (cdiv(N, BLOCK_M), B * Hq); the same walk over keys as the forward.
+        # grid: (cdiv(N, BLOCK_M), B * Hq); the same walk over keys as the forward. It also writes
+        # delta = rowsum(dO ⊙ O) for the dk/dv kernel launched after it: dO is loaded here anyway,
+        # and a separate pass (or torch's elementwise ops, with fp32 temporaries) would cost a
+        # sizeable fraction of the whole backward at N ≈ 700.
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = (pid_bh // heads_q).to(tl.int64)
@@ -196,10 +200,13 @@ if triton is not None:
 
         q = _load_tile(Q + b * stride_qb + hq * stride_qh, offs_m, offs_d, stride_qn, stride_qd, seq_len, head_dim)
         do = _load_tile(DO + b * stride_dob + hq * stride_doh, offs_m, offs_d, stride_don, stride_dod, seq_len, head_dim)
+        o = _load_tile(OUT + b * stride_ob + hq * stride_oh, offs_m, offs_d, stride_on, stride_od, seq_len, head_dim)
         row_ok = offs_m < seq_len
+        # delta_i = Σ_j P_ij dP_ij = dO_i · O_i: the softmax-backward term shared by all keys of row i.
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # (BLOCK_M,)
+        tl.store(DELTA + b * stride_lb + hq * stride_lh + offs_m * stride_ln, delta, mask=row_ok)
         # Padding rows get lse = +inf, hence p = 0: they add nothing.
         lse = tl.load(LSE + b * stride_lb + hq * stride_lh + offs_m * stride_ln, mask=row_ok, other=float("inf"))
-        delta = tl.load(DELTA + b * stride_lb + hq * stride_lh + offs_m * stride_ln, mask=row_ok, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
         pk_base = PK + b * stride_pkb + hkv * stride_pkh
@@ -438,8 +445,7 @@ def _backward(
     dprefix_k = _new_output((batch, heads_kv, prefix_len, head_dim), torch.float32, q.device)  # (B, Hkv, P, D)
     dprefix_v = _new_output((batch, heads_kv, prefix_len, head_dim), torch.float32, q.device)
     if q.numel() > 0:
-        # delta_i = rowsum(dO_i · O_i) = Σ_j P_ij dP_ij: the softmax-backward term shared by all keys.
-        delta = (grad_out.float() * out.float()).sum(-1)  # (B, Hq, N) fp32, contiguous like lse
+        delta = _new_output(lse.shape, torch.float32, q.device)  # (B, Hq, N), written by the dq kernel
         block_d = max(16, triton.next_power_of_2(head_dim))
         tiles = _tile_sizes(block_d, q.dtype, q.device)
         precision = _dot_precision(q.dtype)
@@ -448,9 +454,9 @@ def _backward(
 
         block_m, block_n, num_warps, num_stages = tiles["dq"]
         _prefix_attention_bwd_dq_kernel[(triton.cdiv(seq_len, block_m), batch * heads_q)](
-            q, k, v, prefix_k, prefix_v, kv_lens_arg, grad_out, lse, delta, dq,
+            q, k, v, prefix_k, prefix_v, kv_lens_arg, out, grad_out, lse, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *_prefix_strides(prefix_k), *_prefix_strides(prefix_v),
-            *grad_out.stride(), *lse.stride(), *dq.stride(),
+            *out.stride(), *grad_out.stride(), *lse.stride(), *dq.stride(),
             heads_q, group_size, seq_len, prefix_len, head_dim, qk_scale, softmax_scale,
             CAUSAL=causal, HAS_KV_LENS=kv_lens is not None,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=_prefix_tile(prefix_len, block_n), BLOCK_D=block_d,
