@@ -99,7 +99,8 @@ def make_inputs(case: Case, dtype: torch.dtype, device: str = "cpu", seed: int =
     leaves = [t.to(device=device, dtype=dtype).requires_grad_() for t in tensors]
     if case.prefix_len is None:
         leaves += [None, None]
-    kv_lens = None if case.kv_lens is None else torch.tensor(case.kv_lens, dtype=torch.int32, device=device)
+    # int64, what `attention_mask.sum(-1)` gives; the CPU fallback test passes int32.
+    kv_lens = None if case.kv_lens is None else torch.tensor(case.kv_lens, dtype=torch.int64, device=device)
     grad_out = randn(b, hq, n, d).to(device)
     return leaves, kv_lens, grad_out
 
@@ -163,6 +164,7 @@ def test_unequal_query_and_key_tiles(case, monkeypatch, poisoned_outputs):
     tiles = dict(fwd=(32, 16, 1, 1), dq=(16, 32, 1, 1), dkdv=(32, 16, 1, 1) if case.causal else (16, 32, 1, 1))
     monkeypatch.setattr(kernel_module, "_tile_sizes", lambda *args: tiles)
     leaves, kv_lens, grad_out = make_inputs(case, torch.float32, "cuda" if HAS_CUDA else "cpu")
+    kv_lens = kv_lens.to(torch.int32)
     assert_error_ratio(case, torch.float32, leaves, kv_lens, grad_out)
 
 
@@ -183,6 +185,7 @@ def test_cpu_without_interpreter_runs_the_reference(monkeypatch):
     monkeypatch.setattr(kernel_module, "_forward", lambda *a: pytest.fail("kernel called on CPU"))
     case = Case(3, 4, 2, 11, 5, 40, causal=True, kv_lens=(11, 0, 4))
     leaves, kv_lens, grad_out = make_inputs(case, torch.float32)
+    kv_lens = kv_lens.to(torch.int32)
     got = run(prefix_attention, case, leaves, kv_lens, grad_out)
     want = run(prefix_attention_reference, case, leaves, kv_lens, grad_out)
     for a, b in zip(got, want):
