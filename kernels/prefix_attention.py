@@ -357,17 +357,23 @@ def _tile_sizes(block_d: int, dtype: torch.dtype, device: torch.device) -> dict:
 
     The interpreter simulates every tile op in numpy at a cost that grows with the tile, so it gets
     the smallest tiles tl.dot accepts (16): tests stay fast and still cross block boundaries with
-    tiny shapes. GPU sizes are untuned starting points for sm_80/sm_90 that keep the fp32
-    accumulators of one program in registers (two of them in backward's dk/dv kernel).
+    tiny shapes. GPU sizes are untimed starting points, chosen so that ptxas (sm_80 and sm_90)
+    reports no or only a few bytes of register spills for fp16/bf16 at D <= 128. fp32 (IEEE dots on
+    CUDA cores, twice the bytes per tile) spills a little at any tile size worth having.
     """
     if device.type != "cuda" or interpreter_enabled():
         return dict(fwd=(16, 16, 1, 1), dq=(16, 16, 1, 1), dkdv=(16, 16, 1, 1))
-    wide = block_d > 64 or dtype == torch.float32  # twice the registers per row
-    if block_d > 128:
-        return dict(fwd=(64, 32, 4, 2), dq=(64, 32, 4, 2), dkdv=(32, 32, 4, 2))
-    if wide:
+    if dtype == torch.float32:
+        if block_d <= 64:
+            return dict(fwd=(64, 32, 8, 1), dq=(64, 32, 8, 1), dkdv=(32, 32, 8, 1))
+        if block_d <= 128:
+            return dict(fwd=(32, 32, 8, 1), dq=(32, 32, 8, 1), dkdv=(32, 32, 8, 1))
+        return dict(fwd=(16, 16, 8, 1), dq=(16, 16, 8, 1), dkdv=(16, 16, 8, 1))
+    if block_d <= 64:
+        return dict(fwd=(128, 64, 4, 3), dq=(64, 64, 4, 2), dkdv=(64, 64, 4, 2))
+    if block_d <= 128:
         return dict(fwd=(128, 64, 8, 2), dq=(64, 64, 8, 2), dkdv=(64, 64, 8, 2))
-    return dict(fwd=(128, 64, 4, 3), dq=(64, 64, 4, 2), dkdv=(64, 64, 4, 2))
+    return dict(fwd=(64, 32, 4, 2), dq=(32, 32, 4, 2), dkdv=(32, 32, 4, 2))
 
 
 def _prefix_tile(prefix_len: int, block_n: int) -> int:

@@ -358,6 +358,61 @@ def test_bad_inputs_raise_value_error(make_args, match):
         prefix_attention(**make_args())
 
 
+COMPILE_FOR_SM90 = r"""
+import os, sys, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import m2pt_kernels
+kernels = sys.modules["m2pt_kernels.prefix_attention"]
+for dtype, triton_dtype, block_d in [(torch.bfloat16, "bf16", 128), (torch.float16, "fp16", 64)]:
+    tiles = kernels._tile_sizes(block_d, dtype, torch.device("cuda"))
+    for fn, tile in [(kernels._prefix_attention_fwd_kernel, tiles["fwd"]),
+                     (kernels._prefix_attention_bwd_dq_kernel, tiles["dq"]),
+                     (kernels._prefix_attention_bwd_dkdv_kernel, tiles["dkdv"])]:
+        constexprs = dict(CAUSAL=True, HAS_KV_LENS=True, BLOCK_M=tile[0], BLOCK_N=tile[1], BLOCK_D=block_d,
+                          DOT_PRECISION="tf32")
+        if "BLOCK_P" in fn.arg_names:
+            constexprs["BLOCK_P"] = 16
+        signature = {}
+        for name in fn.arg_names:
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name in ("LSE", "DELTA"):
+                signature[name] = "*fp32"
+            elif name == "KV_LENS":
+                signature[name] = "*i64"
+            elif name.isupper():
+                signature[name] = "*" + triton_dtype
+            else:
+                signature[name] = "fp32" if name.endswith("scale") else "i32"
+        triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=tile[2], num_stages=tile[3]))
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(HAS_CUDA, reason="with a GPU the other tests compile and run the kernels")
+def test_kernels_compile_for_sm90(tmp_path):
+    """The interpreter never type-checks a kernel; the real compiler (to sm_90 PTX and cubin via the
+    ptxas bundled with triton) does, and needs no GPU. Runs in a subprocess because the kernels in
+    this process were built for the interpreter."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.backends.nvidia")
+    root = Path(__file__).resolve().parents[1]
+    setup = (f"import importlib.util, sys; spec = importlib.util.spec_from_file_location('m2pt_kernels', "
+             f"{str(root / 'kernels' / '__init__.py')!r}, submodule_search_locations=[{str(root / 'kernels')!r}]); "
+             f"module = importlib.util.module_from_spec(spec); sys.modules['m2pt_kernels'] = module; "
+             f"spec.loader.exec_module(module)\n")
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", setup + COMPILE_FOR_SM90], capture_output=True, text=True,
+                            env=env, cwd=tmp_path)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+
+
 def test_public_api():
     assert m2pt_kernels.prefix_attention is prefix_attention
 
