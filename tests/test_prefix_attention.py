@@ -58,7 +58,7 @@ class Case:
                 f"{'-' + self.layout if self.layout != 'bhnd' else ''}")
 
 
-# P ∈ {0, 1, 7, 20 > block}, N ∈ {1, odd, > block}, D ∈ {32, 40, 64}, GQA/MQA, B ∈ {1, 3}, causal on
+# P ∈ {0, 1, 7, 20 > block}, N ∈ {1, odd, > block}, D ∈ {32, 40, 64, 96, 128}, GQA/MQA, B ∈ {1, 3}, causal on
 # and off, shared and per-sample prefix, padded kv_lens (including rows that see no key at all).
 INTERPRETER_CASES = [
     Case(1, 2, 2, 17, 7, 32),
@@ -75,6 +75,9 @@ INTERPRETER_CASES = [
     Case(3, 1, 1, 33, 7, 64, causal=True, per_sample_prefix=True, kv_lens=(33, 0, 10)),
     Case(1, 2, 2, 33, 10, 64, layout="bnhd"),
     Case(1, 2, 1, 13, 5, 40, causal=True, softmax_scale=0.3),
+    # The other head dims the model families use (80, 96 pad to a 128-wide tile).
+    Case(1, 1, 1, 9, 3, 96, causal=True),
+    Case(1, 1, 1, 17, 10, 128, causal=True, kv_lens=(12,)),
 ]
 
 
