@@ -508,10 +508,13 @@ def _prefix_attention_forward_op(
     return _forward(q, k, v, prefix_k, prefix_v, kv_lens, causal, softmax_scale)
 
 
+# The fake (meta) implementations must promise the strides the real ones produce, or compiled code
+# downstream would index the outputs wrongly: every output is a fresh contiguous tensor, whatever the
+# layout of the inputs (empty_like would copy a transposed q's strides).
 @_prefix_attention_forward_op.register_fake
 def _(q, k, v, prefix_k, prefix_v, kv_lens, causal, softmax_scale):
     batch, heads_q, seq_len, _ = q.shape
-    return torch.empty_like(q), q.new_empty((batch, heads_q, seq_len), dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty((batch, heads_q, seq_len), dtype=torch.float32)
 
 
 @torch.library.custom_op("m2pt_kernels::prefix_attention_backward", mutates_args=())
@@ -525,8 +528,8 @@ def _prefix_attention_backward_op(
 
 @_prefix_attention_backward_op.register_fake
 def _(grad_out, q, k, v, prefix_k, prefix_v, kv_lens, out, lse, causal, softmax_scale):
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            torch.empty_like(prefix_k), torch.empty_like(prefix_v))
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            prefix_k.new_empty(prefix_k.shape), prefix_v.new_empty(prefix_v.shape))
 
 
 def _setup_context(ctx, inputs, output):

@@ -330,6 +330,26 @@ def test_torch_compile_fullgraph(path, monkeypatch):
         assert any("m2pt_kernels.prefix_attention_forward" in op for op in ops), ops
 
 
+@needs_kernel
+@pytest.mark.parametrize("case", [
+    Case(2, 2, 1, 5, 3, 32, causal=True, kv_lens=(5, 2), layout="bnhd"),
+    Case(2, 2, 2, 4, 2, 32, per_sample_prefix=True),
+], ids=str)
+def test_custom_op_registration(case):
+    # torch.library.opcheck: schema, fake (meta) implementation against the real one (shapes,
+    # dtypes and strides), the autograd registration, and AOT dispatch.
+    leaves, kv_lens, grad_out = make_inputs(case, torch.float32, "cuda" if HAS_CUDA else "cpu")
+    q, k, v, pk, pv = leaves
+    torch.library.opcheck(kernel_module._prefix_attention_forward_op, (q, k, v, pk, pv, kv_lens, case.causal, 0.2))
+    # The backward op is never differentiated: check it on plain tensors. grad_out transposed, as
+    # autograd may hand it over in any layout.
+    q, k, v, pk, pv = (t.detach() for t in leaves)
+    out, lse = kernel_module._prefix_attention_forward_op(q, k, v, pk, pv, kv_lens, case.causal, 0.2)
+    grad_out = grad_out.transpose(1, 2).contiguous().transpose(1, 2)
+    torch.library.opcheck(kernel_module._prefix_attention_backward_op,
+                          (grad_out, q, k, v, pk, pv, kv_lens, out, lse, case.causal, 0.2))
+
+
 def _bad(**changes):
     case = Case(2, 4, 2, 5, 3, 32)
     (q, k, v, pk, pv), _, _ = make_inputs(case, torch.float32)
