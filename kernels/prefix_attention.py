@@ -199,7 +199,8 @@ if triton is not None:
         offs_n = tl.arange(0, BLOCK_N)
 
         q = _load_tile(Q + b * stride_qb + hq * stride_qh, offs_m, offs_d, stride_qn, stride_qd, seq_len, head_dim)
-        do = _load_tile(DO + b * stride_dob + hq * stride_doh, offs_m, offs_d, stride_don, stride_dod, seq_len, head_dim)
+        do = _load_tile(DO + b * stride_dob + hq * stride_doh, offs_m, offs_d, stride_don, stride_dod,
+                        seq_len, head_dim)
         o = _load_tile(OUT + b * stride_ob + hq * stride_oh, offs_m, offs_d, stride_on, stride_od, seq_len, head_dim)
         row_ok = offs_m < seq_len
         # delta_i = Σ_j P_ij dP_ij = dO_i · O_i: the softmax-backward term shared by all keys of row i.
@@ -595,7 +596,8 @@ def _check_inputs(q, k, v, prefix_k, prefix_v, kv_lens) -> None:
     devices = {name: t.device for name, t in tensors.items()}
     if kv_lens is not None:
         if kv_lens.shape != (batch,) or kv_lens.dtype not in (torch.int32, torch.int64):
-            fail(f"kv_lens must be an int32/int64 tensor of shape ({batch},); got {kv_lens.dtype} {tuple(kv_lens.shape)}")
+            fail(f"kv_lens must be an int32/int64 tensor of shape ({batch},); "
+                 f"got {kv_lens.dtype} {tuple(kv_lens.shape)}")
         devices["kv_lens"] = kv_lens.device
     if len(set(devices.values())) != 1:
         fail(f"all tensors must be on one device; got {devices}")
