@@ -32,7 +32,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "dev": ["pytest>=8", "pytest-benchmark>=4"],
+    "dev": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7"],
     "triton": ["triton>=3.2"],
     "bitsandbytes": ["bitsandbytes>=0.45"],
     # deepspeed ships only an sdist; setup.sh builds it with DS_BUILD_OPS=0 (ops JIT-compile later).

@@ -134,6 +134,14 @@ def make_inputs(shape: Shape):
     return [randn(b, h, n, d), randn(b, h, n, d), randn(b, h, n, d), randn(h, p, d), randn(h, p, d)]
 
 
+def triton_version() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "none"
+    return triton.__version__
+
+
 def sync():
     if HAS_CUDA:
         torch.cuda.synchronize()
@@ -179,6 +187,7 @@ def test_bench_prefix_attention(benchmark, shape, provider, mode):
         flops=useful_flops(shape, mode, with_prefix=provider != "sdpa_no_prefix"),
         device=torch.cuda.get_device_name() if HAS_CUDA else platform.processor() or "cpu",
         torch=torch.__version__,
+        triton=triton_version(),
         triton_interpret=os.environ.get("TRITON_INTERPRET", "0"),
     )
     if mode == "fwd":

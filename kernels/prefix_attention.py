@@ -89,7 +89,8 @@ if triton is not None:
         # grid: (cdiv(N, BLOCK_M), B * Hq); one program owns BLOCK_M queries of one (batch, q head).
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
-        b = pid_bh // heads_q
+        # Batch offsets in int64: b · stride_b passes 2**31 elements for large batches.
+        b = (pid_bh // heads_q).to(tl.int64)
         hq = pid_bh % heads_q
         hkv = hq // group_size
         start_m = pid_m * BLOCK_M
@@ -167,12 +168,13 @@ if triton is not None:
 
     @triton.jit
     def _prefix_attention_bwd_dq_kernel(
-        Q, K, V, PK, PV, KV_LENS, DO, LSE, DELTA, DQ,
+        Q, K, V, PK, PV, KV_LENS, OUT, DO, LSE, DELTA, DQ,
         stride_qb, stride_qh, stride_qn, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_pkb, stride_pkh, stride_pkn, stride_pkd,
         stride_pvb, stride_pvh, stride_pvn, stride_pvd,
+        stride_ob, stride_oh, stride_on, stride_od,
         stride_dob, stride_doh, stride_don, stride_dod,
         stride_lb, stride_lh, stride_ln,
         stride_dqb, stride_dqh, stride_dqn, stride_dqd,
@@ -181,10 +183,13 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
     ):
-        # grid: (cdiv(N, BLOCK_M), B * Hq); the same walk over keys as the forward.
+        # grid: (cdiv(N, BLOCK_M), B * Hq); the same walk over keys as the forward. It also writes
+        # delta = rowsum(dO ⊙ O) for the dk/dv kernel launched after it: dO is loaded here anyway,
+        # and a separate pass (or torch's elementwise ops, with fp32 temporaries) would cost a
+        # sizeable fraction of the whole backward at N ≈ 700.
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
-        b = pid_bh // heads_q
+        b = (pid_bh // heads_q).to(tl.int64)
         hq = pid_bh % heads_q
         hkv = hq // group_size
         start_m = pid_m * BLOCK_M
@@ -194,11 +199,15 @@ if triton is not None:
         offs_n = tl.arange(0, BLOCK_N)
 
         q = _load_tile(Q + b * stride_qb + hq * stride_qh, offs_m, offs_d, stride_qn, stride_qd, seq_len, head_dim)
-        do = _load_tile(DO + b * stride_dob + hq * stride_doh, offs_m, offs_d, stride_don, stride_dod, seq_len, head_dim)
+        do = _load_tile(DO + b * stride_dob + hq * stride_doh, offs_m, offs_d, stride_don, stride_dod,
+                        seq_len, head_dim)
+        o = _load_tile(OUT + b * stride_ob + hq * stride_oh, offs_m, offs_d, stride_on, stride_od, seq_len, head_dim)
         row_ok = offs_m < seq_len
+        # delta_i = Σ_j P_ij dP_ij = dO_i · O_i: the softmax-backward term shared by all keys of row i.
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)  # (BLOCK_M,)
+        tl.store(DELTA + b * stride_lb + hq * stride_lh + offs_m * stride_ln, delta, mask=row_ok)
         # Padding rows get lse = +inf, hence p = 0: they add nothing.
         lse = tl.load(LSE + b * stride_lb + hq * stride_lh + offs_m * stride_ln, mask=row_ok, other=float("inf"))
-        delta = tl.load(DELTA + b * stride_lb + hq * stride_lh + offs_m * stride_ln, mask=row_ok, other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
         pk_base = PK + b * stride_pkb + hkv * stride_pkh
@@ -287,7 +296,7 @@ if triton is not None:
         # every prefix key).
         pid_n = tl.program_id(0)
         pid_bh = tl.program_id(1)
-        b = pid_bh // heads_kv
+        b = (pid_bh // heads_kv).to(tl.int64)
         hkv = pid_bh % heads_kv
         start_n = pid_n * BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -349,17 +358,23 @@ def _tile_sizes(block_d: int, dtype: torch.dtype, device: torch.device) -> dict:
 
     The interpreter simulates every tile op in numpy at a cost that grows with the tile, so it gets
     the smallest tiles tl.dot accepts (16): tests stay fast and still cross block boundaries with
-    tiny shapes. GPU sizes are untuned starting points for sm_80/sm_90 that keep the fp32
-    accumulators of one program in registers (two of them in backward's dk/dv kernel).
+    tiny shapes. GPU sizes are untimed starting points, chosen so that ptxas (sm_80 and sm_90)
+    reports no or only a few bytes of register spills for fp16/bf16 at D <= 128. fp32 (IEEE dots on
+    CUDA cores, twice the bytes per tile) spills a little at any tile size worth having.
     """
-    if device.type != "cuda":
+    if device.type != "cuda" or interpreter_enabled():
         return dict(fwd=(16, 16, 1, 1), dq=(16, 16, 1, 1), dkdv=(16, 16, 1, 1))
-    wide = block_d > 64 or dtype == torch.float32  # twice the registers per row
-    if block_d > 128:
-        return dict(fwd=(64, 32, 4, 2), dq=(64, 32, 4, 2), dkdv=(32, 32, 4, 2))
-    if wide:
+    if dtype == torch.float32:
+        if block_d <= 64:
+            return dict(fwd=(64, 32, 8, 1), dq=(64, 32, 8, 1), dkdv=(32, 32, 8, 1))
+        if block_d <= 128:
+            return dict(fwd=(32, 32, 8, 1), dq=(32, 32, 8, 1), dkdv=(32, 32, 8, 1))
+        return dict(fwd=(16, 16, 8, 1), dq=(16, 16, 8, 1), dkdv=(16, 16, 8, 1))
+    if block_d <= 64:
+        return dict(fwd=(128, 64, 4, 3), dq=(64, 64, 4, 2), dkdv=(64, 64, 4, 2))
+    if block_d <= 128:
         return dict(fwd=(128, 64, 8, 2), dq=(64, 64, 8, 2), dkdv=(64, 64, 8, 2))
-    return dict(fwd=(128, 64, 4, 3), dq=(64, 64, 4, 2), dkdv=(64, 64, 4, 2))
+    return dict(fwd=(64, 32, 4, 2), dq=(32, 32, 4, 2), dkdv=(32, 32, 4, 2))
 
 
 def _prefix_tile(prefix_len: int, block_n: int) -> int:
@@ -437,8 +452,7 @@ def _backward(
     dprefix_k = _new_output((batch, heads_kv, prefix_len, head_dim), torch.float32, q.device)  # (B, Hkv, P, D)
     dprefix_v = _new_output((batch, heads_kv, prefix_len, head_dim), torch.float32, q.device)
     if q.numel() > 0:
-        # delta_i = rowsum(dO_i · O_i) = Σ_j P_ij dP_ij: the softmax-backward term shared by all keys.
-        delta = (grad_out.float() * out.float()).sum(-1)  # (B, Hq, N) fp32, contiguous like lse
+        delta = _new_output(lse.shape, torch.float32, q.device)  # (B, Hq, N), written by the dq kernel
         block_d = max(16, triton.next_power_of_2(head_dim))
         tiles = _tile_sizes(block_d, q.dtype, q.device)
         precision = _dot_precision(q.dtype)
@@ -447,9 +461,9 @@ def _backward(
 
         block_m, block_n, num_warps, num_stages = tiles["dq"]
         _prefix_attention_bwd_dq_kernel[(triton.cdiv(seq_len, block_m), batch * heads_q)](
-            q, k, v, prefix_k, prefix_v, kv_lens_arg, grad_out, lse, delta, dq,
+            q, k, v, prefix_k, prefix_v, kv_lens_arg, out, grad_out, lse, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *_prefix_strides(prefix_k), *_prefix_strides(prefix_v),
-            *grad_out.stride(), *lse.stride(), *dq.stride(),
+            *out.stride(), *grad_out.stride(), *lse.stride(), *dq.stride(),
             heads_q, group_size, seq_len, prefix_len, head_dim, qk_scale, softmax_scale,
             CAUSAL=causal, HAS_KV_LENS=kv_lens is not None,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_P=_prefix_tile(prefix_len, block_n), BLOCK_D=block_d,
@@ -495,10 +509,13 @@ def _prefix_attention_forward_op(
     return _forward(q, k, v, prefix_k, prefix_v, kv_lens, causal, softmax_scale)
 
 
+# The fake (meta) implementations must promise the strides the real ones produce, or compiled code
+# downstream would index the outputs wrongly: every output is a fresh contiguous tensor, whatever the
+# layout of the inputs (empty_like would copy a transposed q's strides).
 @_prefix_attention_forward_op.register_fake
 def _(q, k, v, prefix_k, prefix_v, kv_lens, causal, softmax_scale):
     batch, heads_q, seq_len, _ = q.shape
-    return torch.empty_like(q), q.new_empty((batch, heads_q, seq_len), dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty((batch, heads_q, seq_len), dtype=torch.float32)
 
 
 @torch.library.custom_op("m2pt_kernels::prefix_attention_backward", mutates_args=())
@@ -512,8 +529,8 @@ def _prefix_attention_backward_op(
 
 @_prefix_attention_backward_op.register_fake
 def _(grad_out, q, k, v, prefix_k, prefix_v, kv_lens, out, lse, causal, softmax_scale):
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            torch.empty_like(prefix_k), torch.empty_like(prefix_v))
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            prefix_k.new_empty(prefix_k.shape), prefix_v.new_empty(prefix_v.shape))
 
 
 def _setup_context(ctx, inputs, output):
@@ -579,7 +596,8 @@ def _check_inputs(q, k, v, prefix_k, prefix_v, kv_lens) -> None:
     devices = {name: t.device for name, t in tensors.items()}
     if kv_lens is not None:
         if kv_lens.shape != (batch,) or kv_lens.dtype not in (torch.int32, torch.int64):
-            fail(f"kv_lens must be an int32/int64 tensor of shape ({batch},); got {kv_lens.dtype} {tuple(kv_lens.shape)}")
+            fail(f"kv_lens must be an int32/int64 tensor of shape ({batch},); "
+                 f"got {kv_lens.dtype} {tuple(kv_lens.shape)}")
         devices["kv_lens"] = kv_lens.device
     if len(set(devices.values())) != 1:
         fail(f"all tensors must be on one device; got {devices}")
@@ -612,15 +630,25 @@ def prefix_attention(
     Returns (B, Hq, N, D) in q's dtype. Differentiable in q, k, v, prefix_k and prefix_v; a shared
     prefix receives its gradient summed over the batch.
 
-    Runs the Triton kernels on CUDA tensors (and on CPU tensors under TRITON_INTERPRET=1), the
-    pure-PyTorch reference otherwise. To torch.compile the kernel path is a single custom op.
+    Runs the Triton kernels on CUDA tensors (and on fp16/fp32 CPU tensors under TRITON_INTERPRET=1),
+    the pure-PyTorch reference otherwise. Under torch.autocast, all five tensors are cast to the
+    autocast dtype first. To torch.compile the kernel path is a single custom op.
     """
+    if torch.is_autocast_enabled(q.device.type):
+        # Like SDPA under autocast: attention runs in the autocast dtype, whatever the inputs'
+        # (typically bf16 activations meeting fp32 prefix parameters).
+        dtype = torch.get_autocast_dtype(q.device.type)
+        q, k, v, prefix_k, prefix_v = (None if t is None else t.to(dtype) for t in (q, k, v, prefix_k, prefix_v))
     _check_inputs(q, k, v, prefix_k, prefix_v, kv_lens)
     head_dim = q.shape[-1]
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim)
     on_kernel = (
-        q.dtype in _KERNEL_DTYPES and head_dim <= _MAX_HEAD_DIM and use_triton(q, k, v, prefix_k, prefix_v, kv_lens)
+        q.dtype in _KERNEL_DTYPES
+        and head_dim <= _MAX_HEAD_DIM
+        # The interpreter's bf16 tl.dot returns garbage: bf16 on CPU always takes the reference.
+        and not (q.device.type == "cpu" and q.dtype == torch.bfloat16)
+        and use_triton(q, k, v, prefix_k, prefix_v, kv_lens)
     )
     if not on_kernel:
         return prefix_attention_reference(

@@ -11,7 +11,10 @@ The "reference" backend computes DESIGN.md §1's reference form, step by step:
 - text: `text_prompts[0]` is prepended to the input embeddings (before BOS); the attention mask gains
   n_t ones, positions shift by n_t, labels gain n_t × -100; before decoder layer j > 0 the prompt rows
   are overwritten with `text_prompts[j]`.
-It is the oracle every fast path is checked against, so it favours plainness over speed.
+It is the oracle every fast path is checked against, so it favours plainness over speed
+(m2pt_fast/reference.py). The "fused" backend computes the same function with the prompts as
+batch-shared prefix K/V inside attention and a loss over answer tokens only (m2pt_fast/fused.py).
+`backend` can be switched between calls on the same object.
 """
 from __future__ import annotations
 
@@ -81,7 +84,21 @@ def feature_layer_indices(llava: LlavaForConditionalGeneration) -> list[int]:
     return indices
 
 
-def _xavier_uniform_per_layer(prompts: torch.Tensor) -> None:
+class BackendSwitch:
+    """A `backend` attribute ("reference" or "fused") that can be switched between calls."""
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
+        self._backend = value
+
+
+def xavier_uniform_per_layer(prompts: torch.Tensor) -> None:
     """Xavier-uniform init of each layer's (n, d) prompt matrix, as the paper's code does."""
     _, n, d = prompts.shape
     if n == 0 or d == 0:
@@ -91,7 +108,7 @@ def _xavier_uniform_per_layer(prompts: torch.Tensor) -> None:
         prompts.uniform_(-bound, bound)
 
 
-class M2PTLlava(nn.Module):
+class M2PTLlava(BackendSwitch, nn.Module):
     """A frozen LLaVA with deep visual prompts, deep textual prompts and a trainable projector.
 
     Parameters of its own:
@@ -126,8 +143,8 @@ class M2PTLlava(nn.Module):
             llava.config.text_config.num_hidden_layers, config.num_text_prompts, llava.config.text_config.hidden_size,
             dtype=text_ref.dtype, device=text_ref.device,
         ))
-        _xavier_uniform_per_layer(self.vision_prompts)
-        _xavier_uniform_per_layer(self.text_prompts)
+        xavier_uniform_per_layer(self.vision_prompts)
+        xavier_uniform_per_layer(self.text_prompts)
         self._set_trainable()
 
     # ----------------------------------------------------------------------------------------- setup
@@ -145,16 +162,6 @@ class M2PTLlava(nn.Module):
                     "train the embeddings; untie them first (config.tie_word_embeddings=False) or keep tune_lm_head=False"
                 )
             self.llava.lm_head.requires_grad_(True)
-
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @backend.setter
-    def backend(self, value: str) -> None:
-        if value not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
-        self._backend = value
 
     @property
     def projector(self) -> nn.Module:

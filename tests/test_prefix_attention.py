@@ -58,7 +58,7 @@ class Case:
                 f"{'-' + self.layout if self.layout != 'bhnd' else ''}")
 
 
-# P ∈ {0, 1, 7, 20 > block}, N ∈ {1, odd, > block}, D ∈ {32, 40, 64}, GQA/MQA, B ∈ {1, 3}, causal on
+# P ∈ {0, 1, 7, 20 > block}, N ∈ {1, odd, > block}, D ∈ {32, 40, 64, 96, 128}, GQA/MQA, B ∈ {1, 3}, causal on
 # and off, shared and per-sample prefix, padded kv_lens (including rows that see no key at all).
 INTERPRETER_CASES = [
     Case(1, 2, 2, 17, 7, 32),
@@ -75,6 +75,9 @@ INTERPRETER_CASES = [
     Case(3, 1, 1, 33, 7, 64, causal=True, per_sample_prefix=True, kv_lens=(33, 0, 10)),
     Case(1, 2, 2, 33, 10, 64, layout="bnhd"),
     Case(1, 2, 1, 13, 5, 40, causal=True, softmax_scale=0.3),
+    # The other head dims the model families use (80, 96 pad to a 128-wide tile).
+    Case(1, 1, 1, 9, 3, 96, causal=True),
+    Case(1, 1, 1, 17, 10, 128, causal=True, kv_lens=(12,)),
 ]
 
 
@@ -99,7 +102,8 @@ def make_inputs(case: Case, dtype: torch.dtype, device: str = "cpu", seed: int =
     leaves = [t.to(device=device, dtype=dtype).requires_grad_() for t in tensors]
     if case.prefix_len is None:
         leaves += [None, None]
-    kv_lens = None if case.kv_lens is None else torch.tensor(case.kv_lens, dtype=torch.int32, device=device)
+    # int64, what `attention_mask.sum(-1)` gives; the CPU fallback test passes int32.
+    kv_lens = None if case.kv_lens is None else torch.tensor(case.kv_lens, dtype=torch.int64, device=device)
     grad_out = randn(b, hq, n, d).to(device)
     return leaves, kv_lens, grad_out
 
@@ -163,12 +167,13 @@ def test_unequal_query_and_key_tiles(case, monkeypatch, poisoned_outputs):
     tiles = dict(fwd=(32, 16, 1, 1), dq=(16, 32, 1, 1), dkdv=(32, 16, 1, 1) if case.causal else (16, 32, 1, 1))
     monkeypatch.setattr(kernel_module, "_tile_sizes", lambda *args: tiles)
     leaves, kv_lens, grad_out = make_inputs(case, torch.float32, "cuda" if HAS_CUDA else "cpu")
+    kv_lens = kv_lens.to(torch.int32)
     assert_error_ratio(case, torch.float32, leaves, kv_lens, grad_out)
 
 
 @needs_kernel
 def test_kernel_path_is_taken(monkeypatch):
-    # Guard for the test above: it must exercise the kernels, not fall back to the reference.
+    # Guard for the comparisons in this file: they must exercise the kernels, not the fallback.
     calls = []
     forward = kernel_module._forward
     monkeypatch.setattr(kernel_module, "_forward", lambda *a: calls.append(1) or forward(*a))
@@ -183,10 +188,37 @@ def test_cpu_without_interpreter_runs_the_reference(monkeypatch):
     monkeypatch.setattr(kernel_module, "_forward", lambda *a: pytest.fail("kernel called on CPU"))
     case = Case(3, 4, 2, 11, 5, 40, causal=True, kv_lens=(11, 0, 4))
     leaves, kv_lens, grad_out = make_inputs(case, torch.float32)
+    kv_lens = kv_lens.to(torch.int32)
     got = run(prefix_attention, case, leaves, kv_lens, grad_out)
     want = run(prefix_attention_reference, case, leaves, kv_lens, grad_out)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@needs_kernel
+def test_gradient_with_stride_zero(poisoned_outputs):
+    # out.sum().backward() hands the backward an expanded scalar: every stride of grad_out is 0.
+    case = Case(1, 2, 1, 17, 3, 32, causal=True)
+    leaves, kv_lens, _ = make_inputs(case, torch.float32, "cuda" if HAS_CUDA else "cpu")
+    got = [t.detach().requires_grad_() for t in leaves]
+    want = [t.detach().double().requires_grad_() for t in leaves]
+    prefix_attention(*got, causal=True).sum().backward()
+    prefix_attention_reference(*want, causal=True).sum().backward()
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.grad, b.grad.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_autocast_runs_in_the_autocast_dtype(monkeypatch):
+    # fp32 prefix parameters meet bf16 activations under autocast, as in a mixed-precision model;
+    # on CPU bf16 always takes the reference (the interpreter's bf16 dot is unusable).
+    monkeypatch.setattr(kernel_module, "_forward", lambda *a: pytest.fail("bf16 kernel in the interpreter"))
+    case = Case(2, 2, 2, 6, 3, 32, causal=True)
+    (q, k, v, pk, pv), kv_lens, grad_out = make_inputs(case, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = prefix_attention(q, k, v, pk, pv, causal=True)
+    assert out.dtype == torch.bfloat16
+    out.float().backward(grad_out)
+    assert pk.grad.dtype == torch.float32 and torch.isfinite(pk.grad).all()
 
 
 def test_float64_runs_the_reference():
@@ -199,7 +231,10 @@ def test_float64_runs_the_reference():
 
 
 def naive_prefix_attention(q, k, v, prefix_k, prefix_v, causal, kv_lens):
-    """Query by query, in float64: the definition the reference's mask and SDPA call must match."""
+    """Query by query, in float64: the definition the reference's mask and SDPA call must match.
+
+    This checks the oracle itself; kernels are only ever compared with prefix_attention_reference.
+    """
     batch, heads_q, seq_len, head_dim = q.shape
     group = heads_q // k.shape[1]
     out = torch.zeros_like(q)
@@ -298,6 +333,26 @@ def test_torch_compile_fullgraph(path, monkeypatch):
         assert any("m2pt_kernels.prefix_attention_forward" in op for op in ops), ops
 
 
+@needs_kernel
+@pytest.mark.parametrize("case", [
+    Case(2, 2, 1, 5, 3, 32, causal=True, kv_lens=(5, 2), layout="bnhd"),
+    Case(2, 2, 2, 4, 2, 32, per_sample_prefix=True),
+], ids=str)
+def test_custom_op_registration(case):
+    # torch.library.opcheck: schema, fake (meta) implementation against the real one (shapes,
+    # dtypes and strides), the autograd registration, and AOT dispatch.
+    leaves, kv_lens, grad_out = make_inputs(case, torch.float32, "cuda" if HAS_CUDA else "cpu")
+    q, k, v, pk, pv = leaves
+    torch.library.opcheck(kernel_module._prefix_attention_forward_op, (q, k, v, pk, pv, kv_lens, case.causal, 0.2))
+    # The backward op is never differentiated: check it on plain tensors. grad_out transposed, as
+    # autograd may hand it over in any layout.
+    q, k, v, pk, pv = (t.detach() for t in leaves)
+    out, lse = kernel_module._prefix_attention_forward_op(q, k, v, pk, pv, kv_lens, case.causal, 0.2)
+    grad_out = grad_out.transpose(1, 2).contiguous().transpose(1, 2)
+    torch.library.opcheck(kernel_module._prefix_attention_backward_op,
+                          (grad_out, q, k, v, pk, pv, kv_lens, out, lse, case.causal, 0.2))
+
+
 def _bad(**changes):
     case = Case(2, 4, 2, 5, 3, 32)
     (q, k, v, pk, pv), _, _ = make_inputs(case, torch.float32)
@@ -327,6 +382,61 @@ def _bad(**changes):
 def test_bad_inputs_raise_value_error(make_args, match):
     with pytest.raises(ValueError, match=match):
         prefix_attention(**make_args())
+
+
+COMPILE_FOR_SM90 = r"""
+import os, sys, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import m2pt_kernels
+kernels = sys.modules["m2pt_kernels.prefix_attention"]
+for dtype, triton_dtype, block_d in [(torch.bfloat16, "bf16", 128), (torch.float16, "fp16", 64)]:
+    tiles = kernels._tile_sizes(block_d, dtype, torch.device("cuda"))
+    for fn, tile in [(kernels._prefix_attention_fwd_kernel, tiles["fwd"]),
+                     (kernels._prefix_attention_bwd_dq_kernel, tiles["dq"]),
+                     (kernels._prefix_attention_bwd_dkdv_kernel, tiles["dkdv"])]:
+        constexprs = dict(CAUSAL=True, HAS_KV_LENS=True, BLOCK_M=tile[0], BLOCK_N=tile[1], BLOCK_D=block_d,
+                          DOT_PRECISION="tf32")
+        if "BLOCK_P" in fn.arg_names:
+            constexprs["BLOCK_P"] = 16
+        signature = {}
+        for name in fn.arg_names:
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name in ("LSE", "DELTA"):
+                signature[name] = "*fp32"
+            elif name == "KV_LENS":
+                signature[name] = "*i64"
+            elif name.isupper():
+                signature[name] = "*" + triton_dtype
+            else:
+                signature[name] = "fp32" if name.endswith("scale") else "i32"
+        triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=tile[2], num_stages=tile[3]))
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(HAS_CUDA, reason="with a GPU the other tests compile and run the kernels")
+def test_kernels_compile_for_sm90(tmp_path):
+    """The interpreter never type-checks a kernel; the real compiler (to sm_90 PTX and cubin via the
+    ptxas bundled with triton) does, and needs no GPU. Runs in a subprocess because the kernels in
+    this process were built for the interpreter."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.backends.nvidia")
+    root = Path(__file__).resolve().parents[1]
+    setup = (f"import importlib.util, sys; spec = importlib.util.spec_from_file_location('m2pt_kernels', "
+             f"{str(root / 'kernels' / '__init__.py')!r}, submodule_search_locations=[{str(root / 'kernels')!r}]); "
+             f"module = importlib.util.module_from_spec(spec); sys.modules['m2pt_kernels'] = module; "
+             f"spec.loader.exec_module(module)\n")
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", setup + COMPILE_FOR_SM90], capture_output=True, text=True,
+                            env=env, cwd=tmp_path)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
 
 
 def test_public_api():
