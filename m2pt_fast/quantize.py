@@ -128,6 +128,12 @@ class NF4Linear(nn.Module):
         if q.double_quant:
             self.weight_nested_absmax, self.weight_nested_offset = q.nested_absmax, q.nested_offset
 
+    @property
+    def logical_numel(self) -> int:
+        """Weight elements represented (the packed buffer holds half as many bytes): for parameter
+        counts, which do not see buffers."""
+        return self.in_features * self.out_features
+
     def nf4_weight(self) -> NF4Weight:
         return NF4Weight(self.weight_packed, self.weight_absmax, (self.out_features, self.in_features),
                          self.weight_dtype, self.blocksize, self.weight_nested_absmax, self.weight_nested_offset)
