@@ -150,7 +150,7 @@ def _launch_fused_linear(x2d: torch.Tensor, q: NF4Weight, bias: Optional[torch.T
     BLOCK_M, BLOCK_N, BLOCK_K = 16, 32, 64
     grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(M, BLOCK_M))
     _nf4_fused_linear_kernel[grid](
-        x2d, q.packed, absmax, nested, offset, dyn, code, bias if bias is not None else x2d, out,
+        x2d, q.packed, absmax, nested, offset, dyn, code, bias.contiguous() if bias is not None else x2d, out,
         x2d.stride(0), x2d.stride(1), out.stride(0), out.stride(1),
         M, N, K,
         BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, HAS_BIAS=bias is not None,
@@ -165,8 +165,8 @@ def _check_linear(x: torch.Tensor, q: NF4Weight, bias: Optional[torch.Tensor]) -
         raise TypeError(f"nf4_linear expects an NF4Weight (from nf4_quantize), got {type(q).__name__}")
     if len(q.shape) != 2:
         raise ValueError(f"nf4_linear needs a 2-D weight (N, K), got shape {tuple(q.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"nf4_linear expects a floating-point input, got {x.dtype}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"nf4_linear expects a floating-point input (float32/float16/bfloat16), got {x.dtype}")
     if x.shape[-1] != q.shape[1]:
         raise ValueError(f"nf4_linear: input has {x.shape[-1]} features, the weight expects {q.shape[1]} (shape {tuple(q.shape)})")
     if x.device != q.device:
