@@ -168,7 +168,8 @@ def _check_linear(x: torch.Tensor, q: NF4Weight, bias: Optional[torch.Tensor]) -
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"nf4_linear expects a floating-point input (float32/float16/bfloat16), got {x.dtype}")
     if x.shape[-1] != q.shape[1]:
-        raise ValueError(f"nf4_linear: input has {x.shape[-1]} features, the weight expects {q.shape[1]} (shape {tuple(q.shape)})")
+        raise ValueError(f"nf4_linear: input has {x.shape[-1]} features, the weight expects {q.shape[1]} (shape "
+                         f"{tuple(q.shape)})")
     if x.device != q.device:
         raise ValueError(f"nf4_linear: input on {x.device}, weight on {q.device}; move one of them")
     if bias is not None and bias.shape != (q.shape[0],):
