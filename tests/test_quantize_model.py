@@ -135,7 +135,8 @@ def test_save_load_round_trip(fp_model, inputs, tmp_path, double_quant):
 
 
 def test_float_checkpoint_is_quantized_while_streaming(fp_model, inputs, tmp_path):
-    fp_model.save_pretrained(tmp_path)
+    fp_model.save_pretrained(tmp_path, max_shard_size="100KB")  # several shards and an index
+    assert (tmp_path / "model.safetensors.index.json").is_file()
     loaded = load_quantized(tmp_path)
     expected = _clone(fp_model)
     quantize_model(expected)
