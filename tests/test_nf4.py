@@ -342,3 +342,57 @@ def test_native_library_can_be_turned_off():
     env = dict(os.environ, M2PT_NATIVE="0", TRITON_INTERPRET="0")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env, cwd="/")
     assert out.stdout.startswith("False NF4 CPU path: PyTorch reference (turned off by M2PT_NATIVE=0)")
+
+
+COMPILE_FOR_SM90 = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import m2pt_kernels
+ops = sys.modules["m2pt_kernels.nf4"]
+target = GPUTarget("cuda", 90, 32)
+options = dict(num_warps=4, enable_fp_fusion=False)  # what the launchers pass
+for double_quant in (False, True):
+    absmax = "*u8" if double_quant else "*fp32"
+    stats = dict(packed_ptr="*u8", absmax_ptr=absmax, nested_ptr="*fp32", offset_ptr="*fp32", dyn_ptr="*fp32",
+                 code_ptr="*fp32")
+    for out in ("bf16", "fp16", "fp32"):
+        signature = dict(stats, out_ptr="*" + out, n="i64", nbytes="i64",
+                         BLOCKSIZE="constexpr", DOUBLE_QUANT="constexpr", BLOCK="constexpr")
+        constexprs = dict(BLOCKSIZE=64, DOUBLE_QUANT=double_quant, BLOCK=ops._DEQUANT_BLOCK)
+        compiled = triton.compile(ASTSource(ops._nf4_dequant_kernel, signature, constexprs), target=target,
+                                  options=options)
+        # bitsandbytes rounds dyn[q] * nested and + offset separately; a fused multiply-add would not
+        assert "fma" not in compiled.asm["ptx"], "FMA in the dequantize kernel: bytes would differ"
+    for dtype in ("bf16", "fp16"):
+        signature = dict(x_ptr="*" + dtype, **stats, bias_ptr="*" + dtype, out_ptr="*" + dtype,
+                         stride_x_m="i32", stride_x_k="i32", stride_out_m="i32", stride_out_n="i32",
+                         M="i32", N="i32", K="i32", BLOCKSIZE="constexpr", DOUBLE_QUANT="constexpr",
+                         HAS_BIAS="constexpr", BLOCK_M="constexpr", BLOCK_N="constexpr", BLOCK_K="constexpr")
+        constexprs = dict(BLOCKSIZE=64, DOUBLE_QUANT=double_quant, HAS_BIAS=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64)
+        triton.compile(ASTSource(ops._nf4_fused_linear_kernel, signature, constexprs), target=target, options=options)
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(CUDA, reason="with a GPU the other tests compile and run the kernels")
+def test_kernels_compile_for_sm90(tmp_path):
+    """The interpreter never type-checks a kernel; triton's real compiler (sm_90 PTX and cubin through
+    its bundled ptxas) does, without a GPU. A subprocess: this process's kernels are interpreted."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.backends.nvidia")
+    kernels_dir = Path(nf4_ops.__file__).resolve().parent
+    setup = ("import importlib.util, sys\n"
+             f"spec = importlib.util.spec_from_file_location('m2pt_kernels', {str(kernels_dir / '__init__.py')!r}, "
+             f"submodule_search_locations=[{str(kernels_dir)!r}])\n"
+             "module = importlib.util.module_from_spec(spec); sys.modules['m2pt_kernels'] = module\n"
+             "spec.loader.exec_module(module)\n")
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", setup + COMPILE_FOR_SM90], capture_output=True, text=True,
+                            env=env, cwd=tmp_path)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
