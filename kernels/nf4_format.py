@@ -234,5 +234,9 @@ class NF4Weight:
             if int(meta.get("nested_blocksize", NESTED_BLOCKSIZE)) != NESTED_BLOCKSIZE:
                 raise ValueError(f"{prefix}: nested blocksize {meta['nested_blocksize']} is not supported (256 only)")
             nested_offset = torch.tensor(meta["nested_offset"], dtype=torch.float32, device=nested_absmax.device)
-        return cls(need(prefix), need(f"{prefix}.absmax"), meta["shape"], getattr(torch, meta["dtype"]),
+        packed = need(prefix)
+        if packed.dtype != torch.uint8:
+            # bnb_4bit_quant_storage: the codes stored in another dtype; the bytes are the same
+            packed = packed.contiguous().view(torch.uint8)
+        return cls(packed, need(f"{prefix}.absmax"), meta["shape"], getattr(torch, meta["dtype"]),
                    meta["blocksize"], nested_absmax, nested_offset)

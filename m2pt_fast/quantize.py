@@ -434,7 +434,11 @@ def _load_bnb(shards: list, config_dict: dict, model_class: Optional[str]) -> nn
         for key, tensor in _read_tensors(shard):
             match = re.match(r"^(.*)\.weight(\..*)?$", key)
             layer = _rename(match.group(1) + ".weight", known)[: -len(".weight")] if match else None
-            if match and layer in linears and (match.group(2) or tensor.dtype == torch.uint8):
+            # a quantized layer's `weight` holds packed codes, shape (bytes, 1), uint8 or another
+            # dtype (bnb_4bit_quant_storage); its `weight.*` keys hold the statistics
+            packed = match and not match.group(2) and tensor.dim() == 2 and tensor.shape[1] == 1 and (
+                tensor.dtype == torch.uint8 or (layer in linears and linears[layer].in_features != 1))
+            if match and layer in linears and (match.group(2) or packed):
                 pending.setdefault(layer, {})["weight" + (match.group(2) or "")] = tensor
                 continue
             _assign(model, _rename(key, known), tensor)

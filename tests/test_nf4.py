@@ -396,3 +396,16 @@ def test_kernels_compile_for_sm90(tmp_path):
     result = subprocess.run([sys.executable, "-c", setup + COMPILE_FOR_SM90], capture_output=True, text=True,
                             env=env, cwd=tmp_path)
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+
+
+def test_bnb_quant_storage_in_another_dtype():
+    # bitsandbytes can store the packed codes as e.g. bf16 (bnb_4bit_quant_storage); same bytes
+    w = _weight((40, 64), seed=13)
+    packed, qs = bnb_functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4",
+                                              quant_storage=torch.bfloat16)
+    assert packed.dtype == torch.bfloat16
+    tensors = {f"weight.{k}": v for k, v in qs.as_dict(packed=True).items()}
+    tensors["weight"] = packed
+    q = NF4Weight.from_bnb_state_dict(tensors, "weight")
+    assert torch.equal(q.packed, nf4_quantize_reference(w).packed)
+    assert torch.equal(NF4Weight.from_bnb(packed, qs).packed, q.packed)
