@@ -1,0 +1,163 @@
+"""Construct transformers LLaVA models: from a local directory, or from a named shape with random weights.
+
+Named shapes serve tests, demos and benchmarks; nothing is ever downloaded. Random weights are
+materialised directly on the target device and in the target dtype (a 7B shape on a GPU never passes
+through host memory), or not at all on the `meta` device.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+
+class LinearProjector(nn.Module):
+    """The single linear interaction layer of the original LLaVA (v1), which transformers' Llava lacks."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.linear(image_features)
+
+
+def _clip_vit_l14(image_size: int) -> CLIPVisionConfig:
+    return CLIPVisionConfig(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+        image_size=image_size, patch_size=14, projection_dim=768, hidden_act="quick_gelu",
+    )
+
+
+def _vicuna_7b(vocab_size: int, pad_token_id: int | None) -> LlamaConfig:
+    return LlamaConfig(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, vocab_size=vocab_size, max_position_embeddings=4096, rms_norm_eps=1e-5,
+        pad_token_id=pad_token_id,
+    )
+
+
+def _tiny(gqa: bool) -> LlavaConfig:
+    vision = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        image_size=28, patch_size=7, projection_dim=32,
+    )
+    text = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2 if gqa else 4, vocab_size=128, max_position_embeddings=512,
+        pad_token_id=0,
+    )
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=127, projector_hidden_act="gelu")
+
+
+def _llava_15_7b() -> LlavaConfig:
+    # llava-hf/llava-1.5-7b-hf: CLIP ViT-L/14 at 336 px (576 patches), 2-layer GELU MLP projector,
+    # Vicuna-7B v1.5 with 64 extra rows of vocabulary, the image token at 32000.
+    return LlavaConfig(
+        vision_config=_clip_vit_l14(336), text_config=_vicuna_7b(32064, 32001), image_token_id=32000,
+        projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
+    )
+
+
+def _llava_v1_7b() -> LlavaConfig:
+    # The M²PT paper's model: LLaVA v1 (Vicuna-7B v1.3, CLIP ViT-L/14 at 224 px, linear projector).
+    # build_llava swaps transformers' MLP projector for a LinearProjector for this shape.
+    config = LlavaConfig(
+        vision_config=_clip_vit_l14(224), text_config=_vicuna_7b(32003, 0), image_token_id=32000,
+        vision_feature_layer=-2, vision_feature_select_strategy="default",
+    )
+    config.m2pt_linear_projector = True
+    return config
+
+
+NAMED_CONFIGS = {
+    "tiny": lambda: _tiny(gqa=False),
+    "tiny-gqa": lambda: _tiny(gqa=True),
+    "llava-1.5-7b": _llava_15_7b,
+    "llava-v1-7b": _llava_v1_7b,
+}
+
+
+def llava_config(name: str) -> LlavaConfig:
+    """A fresh LlavaConfig for one of NAMED_CONFIGS."""
+    if name not in NAMED_CONFIGS:
+        raise ValueError(f"unknown model shape {name!r}; named shapes are {sorted(NAMED_CONFIGS)}")
+    return NAMED_CONFIGS[name]()
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_llava(
+    name_or_config: str | LlavaConfig = "tiny",
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int | None = 0,
+    vocab_size: int | None = None,
+    image_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    attn_implementation: str = "sdpa",
+) -> LlavaForConditionalGeneration:
+    """A LlavaForConditionalGeneration with random weights, built directly on `device` in `dtype`.
+
+    `vocab_size`, `image_token_id` and `pad_token_id` override the text side of a named shape (a
+    locally built tokenizer brings its own). On `device="meta"` nothing is allocated.
+    """
+    config = llava_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
+    if vocab_size is not None:
+        config.text_config.vocab_size = vocab_size
+    if image_token_id is not None:
+        config.image_token_id = image_token_id
+    if pad_token_id is not None:
+        config.text_config.pad_token_id = pad_token_id
+    vocab = config.text_config.vocab_size
+    if not 0 <= config.image_token_id < vocab:
+        raise ValueError(
+            f"image_token_id {config.image_token_id} must lie inside the vocabulary [0, {vocab}): "
+            "pass image_token_id= or a larger vocab_size="
+        )
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+    config._attn_implementation = attn_implementation
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.device(device), _default_dtype(dtype):
+        model = LlavaForConditionalGeneration(config)
+        if getattr(config, "m2pt_linear_projector", False):
+            in_features = config.vision_config.hidden_size
+            model.model.multi_modal_projector = LinearProjector(in_features, config.text_config.hidden_size)
+    return model.eval()
+
+
+def load_llava(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    attn_implementation: str = "sdpa",
+) -> LlavaForConditionalGeneration:
+    """Load a transformers LLaVA from a local directory (never from the hub)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory {str(path)!r} does not exist (local directories only; nothing is downloaded)")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{str(path)!r} has no config.json: is it a transformers model directory?")
+    weights = [*path.glob("*.safetensors"), *path.glob("*.bin"), *path.glob("*.safetensors.index.json")]
+    if not weights:
+        raise FileNotFoundError(f"{str(path)!r} has a config.json but no weights (*.safetensors or *.bin)")
+    model = LlavaForConditionalGeneration.from_pretrained(
+        path, local_files_only=True, dtype=dtype, attn_implementation=attn_implementation
+    )
+    return model.to(device).eval()

@@ -1,0 +1,346 @@
+"""The M²PT model: deep visual and textual prompts around a frozen transformers LLaVA.
+
+`apply_m2pt` wraps a `LlavaForConditionalGeneration` in an `M2PTLlava`. The wrapped model's weights
+are shared, not copied; only the prompts, the projector (the interaction layer) and optionally lm_head
+are trainable.
+
+The "reference" backend computes DESIGN.md §1's reference form, step by step:
+- vision: the prompt rows `vision_prompts[0]` are prepended to the embedded patch sequence after
+  CLIP's pre-layernorm; before vision layer i > 0 they are overwritten with `vision_prompts[i]`; the
+  selected hidden state drops the prompt rows *and* CLS (strategy "default");
+- text: `text_prompts[0]` is prepended to the input embeddings (before BOS); the attention mask gains
+  n_t ones, positions shift by n_t, labels gain n_t × -100; before decoder layer j > 0 the prompt rows
+  are overwritten with `text_prompts[j]`.
+It is the oracle every fast path is checked against, so it favours plainness over speed.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlavaForConditionalGeneration
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+
+BACKENDS = ("reference",)
+IGNORE_INDEX = -100
+
+
+@dataclass
+class M2PTConfig:
+    """What M²PT tunes. Validated on construction."""
+
+    num_vision_prompts: int = 10
+    num_text_prompts: int = 10
+    tune_projector: bool = True
+    tune_lm_head: bool = False
+
+    def __post_init__(self):
+        for name in ("num_vision_prompts", "num_text_prompts"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer (0 disables those prompts), got {value!r}")
+        for name in ("tune_projector", "tune_lm_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+
+@dataclass
+class M2PTOutput:
+    """`logits`: (B, T, V) for the text positions only (prompt positions removed)."""
+
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+    past_key_values: Cache | None = None
+
+
+def _vision_tower_parts(llava: LlavaForConditionalGeneration):
+    tower = llava.model.vision_tower
+    # transformers 5 puts embeddings/encoder on CLIPVisionModel itself; earlier layouts nest them.
+    return getattr(tower, "vision_model", tower)
+
+
+def feature_layer_indices(llava: LlavaForConditionalGeneration) -> list[int]:
+    """The hidden-state indices LLaVA selects, as non-negative numbers of vision layers run.
+
+    hidden_states[k] is the state after k encoder layers (k = 0: the pre-layernorm output), so
+    layer -2 of a 24-layer tower is index 23: 23 layers run, and 23 prompt sets can affect it.
+    """
+    config = llava.config
+    num_layers = config.vision_config.num_hidden_layers
+    layers = config.vision_feature_layer
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    indices = [layer if layer >= 0 else num_layers + 1 + layer for layer in layers]
+    for layer, index in zip(layers, indices):
+        if not 0 <= index <= num_layers:
+            raise ValueError(f"vision_feature_layer {layer} is outside a {num_layers}-layer vision tower")
+    return indices
+
+
+def _xavier_uniform_per_layer(prompts: torch.Tensor) -> None:
+    """Xavier-uniform init of each layer's (n, d) prompt matrix, as the paper's code does."""
+    _, n, d = prompts.shape
+    if n == 0 or d == 0:
+        return
+    bound = math.sqrt(6.0 / (n + d))
+    with torch.no_grad():
+        prompts.uniform_(-bound, bound)
+
+
+class M2PTLlava(nn.Module):
+    """A frozen LLaVA with deep visual prompts, deep textual prompts and a trainable projector.
+
+    Parameters of its own:
+      vision_prompts: (Lv, n_v, d_vision), one set per vision layer that can affect the selected features
+      text_prompts:   (Lt, n_t, d_text), one set per decoder layer
+    """
+
+    def __init__(self, llava: LlavaForConditionalGeneration, config: M2PTConfig, backend: str = "reference"):
+        super().__init__()
+        if not isinstance(llava, LlavaForConditionalGeneration):
+            raise TypeError(f"apply_m2pt takes a transformers LlavaForConditionalGeneration, got {type(llava).__name__}")
+        self.llava = llava
+        self.m2pt_config = config
+        self.backend = backend
+
+        vision = _vision_tower_parts(llava)
+        text = llava.model.language_model
+        self.feature_layers = feature_layer_indices(llava)
+        strategy = llava.config.vision_feature_select_strategy
+        if strategy not in ("default", "full"):
+            raise ValueError(f"vision_feature_select_strategy {strategy!r} is not supported (use 'default' or 'full')")
+
+        # Prompts follow the dtype/device of the embeddings they sit beside (never quantized).
+        vision_ref = vision.embeddings.patch_embedding.weight
+        text_ref = text.embed_tokens.weight
+        num_vision_layers = max(self.feature_layers)
+        self.vision_prompts = nn.Parameter(torch.empty(
+            num_vision_layers, config.num_vision_prompts, llava.config.vision_config.hidden_size,
+            dtype=vision_ref.dtype, device=vision_ref.device,
+        ))
+        self.text_prompts = nn.Parameter(torch.empty(
+            llava.config.text_config.num_hidden_layers, config.num_text_prompts, llava.config.text_config.hidden_size,
+            dtype=text_ref.dtype, device=text_ref.device,
+        ))
+        _xavier_uniform_per_layer(self.vision_prompts)
+        _xavier_uniform_per_layer(self.text_prompts)
+        self._set_trainable()
+
+    # ----------------------------------------------------------------------------------------- setup
+    def _set_trainable(self) -> None:
+        """The one place that decides what M²PT trains."""
+        config = self.m2pt_config
+        self.llava.requires_grad_(False)
+        self.projector.requires_grad_(config.tune_projector)
+        if config.tune_lm_head:
+            lm_head = self.llava.lm_head.weight
+            embed = self.llava.model.language_model.embed_tokens.weight
+            if lm_head is embed or (lm_head.device.type != "meta" and lm_head.data_ptr() == embed.data_ptr()):
+                raise ValueError(
+                    "tune_lm_head=True on a model whose lm_head is tied to the input embeddings would also "
+                    "train the embeddings; untie them first (config.tie_word_embeddings=False) or keep tune_lm_head=False"
+                )
+            self.llava.lm_head.requires_grad_(True)
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
+        self._backend = value
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.llava.model.multi_modal_projector
+
+    @property
+    def num_vision_prompts(self) -> int:
+        return self.vision_prompts.shape[1]
+
+    @property
+    def num_text_prompts(self) -> int:
+        return self.text_prompts.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.llava.config.vision_config.image_size
+
+    @property
+    def image_token_id(self) -> int:
+        return self.llava.config.image_token_id
+
+    @property
+    def image_seq_length(self) -> int:
+        """How many image tokens one image expands to in input_ids."""
+        vision = self.llava.config.vision_config
+        patches = (vision.image_size // vision.patch_size) ** 2
+        return patches + (1 if self.llava.config.vision_feature_select_strategy == "full" else 0)
+
+    def gradient_checkpointing_enable(self, every_n_layers: int = 1) -> None:
+        """Recompute every (n-th) vision and decoder layer in backward instead of storing activations."""
+        self.llava.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}, every_n_layers=every_n_layers
+        )
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.llava.activation_checkpointing_disable()
+
+    # --------------------------------------------------------------------------------------- vision
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values: (B_img, 3, H, W) -> projected features (B_img, image_seq_length, d_text)."""
+        self._check_pixels(pixel_values)
+        vision = _vision_tower_parts(self.llava)
+        hidden = vision.embeddings(pixel_values.to(vision.embeddings.patch_embedding.weight.dtype))
+        hidden = vision.pre_layrnorm(hidden)  # (B, 1 + patches, d_v)
+        n = self.num_vision_prompts
+        batch = hidden.shape[0]
+        if n:
+            hidden = torch.cat([self.vision_prompts[0].expand(batch, n, -1).to(hidden.dtype), hidden], dim=1)
+        states = {0: hidden}
+        for i in range(max(self.feature_layers)):
+            if n and i > 0:
+                hidden = torch.cat([self.vision_prompts[i].expand(batch, n, -1).to(hidden.dtype), hidden[:, n:]], dim=1)
+            hidden = vision.encoder.layers[i](hidden, None)
+            states[i + 1] = hidden
+        # (B, n + 1 + patches, d_v): drop the prompt rows, and CLS unless the strategy keeps it
+        start = n + (1 if self.llava.config.vision_feature_select_strategy == "default" else 0)
+        selected = torch.cat([states[k][:, start:] for k in self.feature_layers], dim=-1)
+        return self.projector(selected)
+
+    def _check_pixels(self, pixel_values: torch.Tensor) -> None:
+        expected = (3, self.image_size, self.image_size)
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(
+                f"pixel_values must have shape (num_images, {expected[0]}, {expected[1]}, {expected[2]}) for this "
+                f"vision tower, got {tuple(pixel_values.shape)}"
+            )
+        if not pixel_values.is_floating_point():
+            raise ValueError(f"pixel_values must be a floating-point tensor, got {pixel_values.dtype}")
+
+    # ----------------------------------------------------------------------------------------- text
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool = False,
+    ) -> M2PTOutput:
+        """The same inputs as transformers' LLaVA.
+
+        input_ids: (B, T), with `image_token_id` repeated `image_seq_length` times per image;
+        attention_mask: (B, T_past + T), 1 for tokens, 0 for padding (prompt positions are added here);
+        labels: (B, T), -100 where no loss is taken; position_ids: (B, T) text positions (default
+        0.. for a fresh sequence), shifted by n_t internally; past_key_values: a cache from an earlier
+        call (it holds the prompt rows).
+        """
+        if self.backend == "reference":
+            return self._forward_reference(input_ids, pixel_values, attention_mask, labels, position_ids,
+                                           past_key_values, use_cache)
+        raise AssertionError(f"unhandled backend {self.backend!r}")
+
+    def _embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        embeds = self.llava.model.language_model.embed_tokens(input_ids)  # (B, T, d)
+        is_image = input_ids == self.image_token_id
+        num_image_tokens = int(is_image.sum())
+        num_images = 0 if pixel_values is None else pixel_values.shape[0]
+        expected = num_images * self.image_seq_length
+        if num_image_tokens != expected:
+            raise ValueError(
+                f"input_ids hold {num_image_tokens} image tokens (id {self.image_token_id}) but "
+                f"{num_images} image(s) need {expected} ({self.image_seq_length} each): expand each <image> "
+                f"placeholder to {self.image_seq_length} image tokens, one per image in pixel_values"
+            )
+        if num_images:
+            features = self.image_features(pixel_values)  # (B_img, S, d)
+            embeds = embeds.masked_scatter(is_image.unsqueeze(-1), features.to(embeds.dtype))
+        return embeds
+
+    def _forward_reference(self, input_ids, pixel_values, attention_mask, labels, position_ids,
+                           past_key_values, use_cache) -> M2PTOutput:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
+        batch, seq_len = input_ids.shape
+        n = self.num_text_prompts
+        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        prefill = past_len == 0
+        text_past = 0 if prefill else past_len - n
+        device = input_ids.device
+
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, text_past + seq_len, dtype=torch.long, device=device)
+        if tuple(attention_mask.shape) != (batch, text_past + seq_len):
+            raise ValueError(
+                f"attention_mask must have shape {(batch, text_past + seq_len)} (cached + new tokens), "
+                f"got {tuple(attention_mask.shape)}"
+            )
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+        if position_ids is None:
+            position_ids = torch.arange(text_past, text_past + seq_len, device=device).expand(batch, seq_len)
+
+        hidden = self._embed(input_ids, pixel_values)
+        mask = torch.cat([attention_mask.new_ones(batch, n), attention_mask], dim=1)  # (B, n + T_past + T)
+        positions = position_ids + n
+        if prefill and n:
+            hidden = torch.cat([self.text_prompts[0].expand(batch, n, -1).to(hidden.dtype), hidden], dim=1)
+            positions = torch.cat([torch.arange(n, device=device).expand(batch, n), positions], dim=1)
+
+        lm = self.llava.model.language_model
+        cache = past_key_values
+        if use_cache and cache is None:
+            cache = DynamicCache(config=lm.config)
+        causal_mask = create_causal_mask(
+            config=lm.config, inputs_embeds=hidden, attention_mask=mask, past_key_values=cache, position_ids=positions
+        )
+        rope = lm.rotary_emb(hidden, position_ids=positions)
+        for j, layer in enumerate(lm.layers):
+            if prefill and n and j > 0:
+                hidden = torch.cat([self.text_prompts[j].expand(batch, n, -1).to(hidden.dtype), hidden[:, n:]], dim=1)
+            hidden = layer(hidden, attention_mask=causal_mask, position_embeddings=rope, position_ids=positions,
+                           past_key_values=cache, use_cache=use_cache)
+        hidden = lm.norm(hidden)
+        logits = self.llava.lm_head(hidden)  # (B, [n +] T, V)
+
+        loss = None
+        if labels is not None:
+            if prefill and n:
+                labels = torch.cat([labels.new_full((batch, n), IGNORE_INDEX), labels], dim=1)
+            # next-token loss over the whole extended sequence, in fp32 as transformers computes it:
+            # position t predicts labels[t + 1], the last position predicts nothing.
+            targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+        if prefill and n:
+            logits = logits[:, n:]
+        return M2PTOutput(loss=loss, logits=logits, past_key_values=cache if use_cache else None)
+
+    # ----------------------------------------------------------------------------------- generation
+    def generate(self, input_ids, pixel_values=None, max_new_tokens=32, **kwargs) -> torch.Tensor:
+        """Greedy or sampled decoding with a KV cache; see m2pt_fast.generation.generate."""
+        from .generation import generate
+
+        return generate(self, input_ids, pixel_values, max_new_tokens, **kwargs)
+
+
+def apply_m2pt(
+    model: LlavaForConditionalGeneration,
+    num_vision_prompts: int = 10,
+    num_text_prompts: int = 10,
+    *,
+    tune_projector: bool = True,
+    tune_lm_head: bool = False,
+    backend: str = "reference",
+) -> M2PTLlava:
+    """Wrap a transformers LLaVA for M²PT: deep prompts in every vision and decoder layer, a trainable
+    projector, everything else frozen. The LLaVA's weights are shared with the returned model."""
+    config = M2PTConfig(num_vision_prompts, num_text_prompts, tune_projector, tune_lm_head)
+    return M2PTLlava(model, config, backend=backend)

@@ -1,0 +1,98 @@
+"""The prompt file: every tuned tensor of an M²PT model in one safetensors file.
+
+Layout (other tools read it; documented in the README):
+  vision_prompts        (Lv, n_v, d_vision)
+  text_prompts          (Lt, n_t, d_text)
+  projector.<name>      the projector's state_dict entries, when the projector is tuned
+  lm_head.<name>        lm_head's state_dict entries, when lm_head is tuned
+Metadata (strings): format="m2pt-prompts", format_version, the prompt counts, layer counts and
+widths, the vision feature layer(s) and selection strategy, and which groups were tuned.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT = "m2pt-prompts"
+FORMAT_VERSION = "1"
+
+
+def _settings(model) -> dict[str, str]:
+    config = model.llava.config
+    return {
+        "num_vision_prompts": str(model.num_vision_prompts),
+        "num_text_prompts": str(model.num_text_prompts),
+        "vision_prompt_layers": str(model.vision_prompts.shape[0]),
+        "text_prompt_layers": str(model.text_prompts.shape[0]),
+        "vision_hidden_size": str(model.vision_prompts.shape[2]),
+        "text_hidden_size": str(model.text_prompts.shape[2]),
+        "vision_feature_layer": json.dumps(config.vision_feature_layer),
+        "vision_feature_select_strategy": str(config.vision_feature_select_strategy),
+        "tune_projector": str(model.m2pt_config.tune_projector).lower(),
+        "tune_lm_head": str(model.m2pt_config.tune_lm_head).lower(),
+    }
+
+
+def _tuned_tensors(model) -> dict[str, torch.Tensor]:
+    tensors = {"vision_prompts": model.vision_prompts, "text_prompts": model.text_prompts}
+    if model.m2pt_config.tune_projector:
+        tensors.update({f"projector.{k}": v for k, v in model.projector.state_dict().items()})
+    if model.m2pt_config.tune_lm_head:
+        tensors.update({f"lm_head.{k}": v for k, v in model.llava.lm_head.state_dict().items()})
+    return tensors
+
+
+def save_prompts(model, path: str | os.PathLike) -> Path:
+    """Write the tuned tensors of an M2PTLlava to `path` (safetensors). Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in _tuned_tensors(model).items()}
+    metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, **_settings(model)}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)  # a crash mid-write leaves any earlier file intact
+    return path
+
+
+def load_prompts(model, path: str | os.PathLike) -> dict[str, str]:
+    """Restore tuned tensors saved by `save_prompts` into `model`; returns the file's metadata.
+
+    Raises ValueError naming the mismatch when the file was made for another model shape or prompt
+    count; nothing in the model changes in that case.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {str(path)!r} does not exist")
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        if metadata.get("format") != FORMAT:
+            raise ValueError(f"{str(path)!r} is not an m2pt prompt file (metadata format={metadata.get('format')!r})")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+
+    expected = _settings(model)
+    checked = ("num_vision_prompts", "num_text_prompts", "vision_prompt_layers", "text_prompt_layers",
+               "vision_hidden_size", "text_hidden_size")
+    problems = [f"{k}: file {metadata.get(k)}, model {expected[k]}" for k in checked if metadata.get(k) != expected[k]]
+    targets = {"vision_prompts": model.vision_prompts, "text_prompts": model.text_prompts}
+    targets.update({f"projector.{k}": v for k, v in model.projector.state_dict(keep_vars=True).items()})
+    targets.update({f"lm_head.{k}": v for k, v in model.llava.lm_head.state_dict(keep_vars=True).items()})
+    for name, tensor in tensors.items():
+        if name not in targets:
+            problems.append(f"{name}: in the file but the model has no such tensor")
+        elif tuple(tensor.shape) != tuple(targets[name].shape):
+            problems.append(f"{name}: file shape {tuple(tensor.shape)}, model shape {tuple(targets[name].shape)}")
+    for name in ("vision_prompts", "text_prompts"):
+        if name not in tensors:
+            problems.append(f"{name}: missing from the file")
+    if problems:
+        raise ValueError(f"prompt file {str(path)!r} does not fit this model:\n  " + "\n  ".join(problems))
+
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            targets[name].copy_(tensor)
+    return metadata
