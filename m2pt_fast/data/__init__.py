@@ -12,11 +12,12 @@ from .llava_json import (
     load_llava_records,
     make_collate,
 )
+from .sampler import EpochShardSampler
 from .synthetic import synthetic_record, synthetic_texts, write_llava_json
 from .tokenizer import IMAGE, build_word_tokenizer, words_of
 
 __all__ = [
-    "IGNORE_INDEX", "IMAGE", "BadRecord", "ConversationEncoder", "ImagePreprocessor", "LlavaJsonDataset",
+    "IGNORE_INDEX", "IMAGE", "BadRecord", "ConversationEncoder", "EpochShardSampler", "ImagePreprocessor", "LlavaJsonDataset",
     "SampleBuilder", "SkipReport", "SyntheticInstructDataset", "build_word_tokenizer", "load_llava_records",
     "make_collate", "synthetic_record", "synthetic_texts", "words_of", "write_llava_json",
 ]
