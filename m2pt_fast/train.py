@@ -36,6 +36,7 @@ if __name__ == "__main__" and not __package__:
     _register("m2pt_fast", _package)
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -122,6 +123,12 @@ def _texts_of_llava_json(path: str) -> list[str]:
             if isinstance(turn, dict) and isinstance(turn.get("value"), str):
                 texts.append(turn["value"])
     return texts
+
+
+def _output_as_dict(module, args, output):
+    if isinstance(output, dict):
+        return output
+    return {f.name: getattr(output, f.name) for f in dataclasses.fields(output)}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -250,6 +257,12 @@ class M2PTRecipe:
         where = cfg.ds_config or "the built-in ZeRO-0 DeepSpeed config"
         self.ds_config = resolve_ds_config(load_ds_config(cfg.ds_config), cfg, self.world_size, self.bf16, where)
         self.zero_stage = zero_stage(self.ds_config)
+        if self.zero_stage == 3:
+            # ZeRO-3 re-gathers a module's partitioned parameters for backward through hooks on the
+            # tensors its forward returns, and it finds tensors only in tuples, lists and dicts. The model
+            # returns a dataclass, so its own parameters (the prompts) would stay released in backward:
+            # hand DeepSpeed (whose hooks run after this one) the same output as a dict.
+            self.model.register_forward_hook(_output_as_dict)
         params = [p for p in self.model.parameters() if p.requires_grad]
         if offloads_optimizer(self.ds_config) and self.device.type == "cuda":
             from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -321,7 +334,8 @@ class M2PTRecipe:
                   for k in ("input_ids", "attention_mask", "labels", "pixel_values")}
         if self.bf16:
             inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
-        return self.engine(**inputs).loss
+        output = self.engine(**inputs)
+        return output["loss"] if isinstance(output, dict) else output.loss
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         # Every rank must take the same decision, or the ones that go on would wait forever.
