@@ -146,6 +146,7 @@ class M2PTRecipe:
     # ------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
         self._setup_distributed()
+        self._setup_precision()
         self._setup_model()
         self._setup_data()
         self._setup_engine()
@@ -175,14 +176,22 @@ class M2PTRecipe:
             format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True,
         )
 
-    def _setup_model(self) -> None:
+    def _setup_precision(self) -> None:
+        """Compute dtype, backbone format and the DeepSpeed config: every refusal before any work."""
         cfg = self.cfg
         self.bf16 = cfg.bf16 if cfg.bf16 is not None else self.device.type == "cuda"
         if self.bf16 and self.device.type != "cuda":
             raise ValueError("--bf16 needs a GPU: on the CPU the trainer computes in fp32 (leave --bf16 out)")
         self.quant = cfg.quant or ("bf16" if self.bf16 else "fp32")
+        where = cfg.ds_config or "the built-in ZeRO-0 DeepSpeed config"
+        resolved = dataclasses.replace(cfg, quant=self.quant)
+        self.ds_config = resolve_ds_config(load_ds_config(cfg.ds_config), resolved, self.world_size, self.bf16, where)
+        self.zero_stage = zero_stage(self.ds_config)
         if self.quant == "nf4":
             raise ValueError("--quant nf4 needs the NF4 backbone, which this build does not have yet: use --quant bf16")
+
+    def _setup_model(self) -> None:
+        cfg = self.cfg
         dtype = torch.bfloat16 if self.quant == "bf16" else torch.float32
 
         if cfg.embedded_model:
@@ -254,9 +263,6 @@ class M2PTRecipe:
         import deepspeed
 
         cfg = self.cfg
-        where = cfg.ds_config or "the built-in ZeRO-0 DeepSpeed config"
-        self.ds_config = resolve_ds_config(load_ds_config(cfg.ds_config), cfg, self.world_size, self.bf16, where)
-        self.zero_stage = zero_stage(self.ds_config)
         if self.zero_stage == 3:
             # ZeRO-3 re-gathers a module's partitioned parameters for backward through hooks on the
             # tensors its forward returns, and it finds tensors only in tuples, lists and dicts. The model
