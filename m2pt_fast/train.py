@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from m2pt_fast import apply_m2pt, build_llava, load_llava, save_prompts, trainable_report
+from m2pt_fast import apply_m2pt, build_llava, llava_config, load_llava, save_prompts, trainable_report
 from m2pt_fast import model as m2pt_model
 from m2pt_fast.checkpointing import (
     STATE_TAG,
@@ -82,6 +82,10 @@ from m2pt_fast.train_config import TrainConfig, parse_args, to_dict
 log = logging.getLogger("m2pt_fast.train")
 
 EMBEDDED_SHAPE = "tiny"
+# Weight init of the embedded model's text side. With LLaMA's 0.02, a random frozen lm_head caps every
+# logit near +-1.3, so no prompt can lower the loss much; 0.1 stands in for a trained model's larger
+# weights and lets the demo's loss fall visibly (about 4.8 -> 2.5 in its first 100 steps).
+EMBEDDED_TEXT_INIT = 0.1
 
 
 def lr_multiplier(step: int, warmup_steps: int, total_steps: int, kind: str) -> float:
@@ -199,8 +203,10 @@ class M2PTRecipe:
             if cfg.data_path:
                 texts += _texts_of_llava_json(cfg.data_path)
             self.tokenizer = build_word_tokenizer(words_of(texts))
+            shape = llava_config(EMBEDDED_SHAPE)
+            shape.text_config.initializer_range = EMBEDDED_TEXT_INIT
             llava = build_llava(
-                EMBEDDED_SHAPE, device=self.device, dtype=dtype, seed=cfg.seed, vocab_size=len(self.tokenizer),
+                shape, device=self.device, dtype=dtype, seed=cfg.seed, vocab_size=len(self.tokenizer),
                 image_token_id=self.tokenizer.convert_tokens_to_ids(IMAGE), pad_token_id=self.tokenizer.pad_token_id,
             )
         else:
@@ -328,6 +334,14 @@ class M2PTRecipe:
             raise ValueError(f"{path} comes from a run with other settings ({{name: (saved, now)}}: {mismatched}); "
                              "resume with the same options and number of processes")
         load_rng(path, self.rank, self.world_size)
+        saved_lr = self.scheduler.base_lrs[0]
+        if saved_lr != self.cfg.learning_rate:
+            # e.g. after a non-finite loss: the new rate takes over the schedule from the resumed step on
+            log.warning("--learning_rate %g replaces the checkpoint's %g from step %d on",
+                        self.cfg.learning_rate, saved_lr, step + 1)
+            self.scheduler.base_lrs = [self.cfg.learning_rate] * len(self.scheduler.base_lrs)
+            for group, multiplier in zip(self.scheduler.optimizer.param_groups, self.scheduler.lr_lambdas):
+                group["lr"] = self.cfg.learning_rate * multiplier(self.scheduler.last_epoch)
         self.global_step = step
         if self.rank == 0:
             truncate_metrics(self.metrics_path, step)

@@ -15,6 +15,8 @@ from typing import Any
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 QUANTS = ("nf4", "bf16", "fp32")
 BACKENDS = ("auto", "fused", "reference")
+PAPER_LEARNING_RATE = 7e-4
+EMBEDDED_LEARNING_RATE = 5e-3
 
 
 @dataclass
@@ -36,11 +38,13 @@ class TrainConfig:
     quant: str | None = None  # None: bf16 on a GPU, fp32 on the CPU
     # --- optimisation
     output_dir: str = "outputs/m2pt"
-    num_train_epochs: float = 1.0
+    num_train_epochs: float = 3.0  # the paper's
     max_steps: int = -1  # > 0 overrides num_train_epochs
     per_device_train_batch_size: int = 8
     gradient_accumulation_steps: int = 1
-    learning_rate: float = 7e-4  # the paper's, for prompts and projector alike
+    # None: 7e-4, the paper's (prompts and projector alike), for a real model; EMBEDDED_LEARNING_RATE
+    # for the embedded tiny model, whose random frozen backbone needs larger steps
+    learning_rate: float | None = None
     warmup_ratio: float = 0.03
     lr_scheduler_type: str = "cosine"
     weight_decay: float = 0.0
@@ -71,6 +75,8 @@ class TrainConfig:
             raise ValueError(f"--max_steps must be a positive number of optimizer steps, or -1 to use --num_train_epochs; got {self.max_steps}")
         if self.max_steps == -1 and not self.num_train_epochs > 0:
             raise ValueError(f"--num_train_epochs must be > 0 (or give --max_steps), got {self.num_train_epochs}")
+        if self.learning_rate is None:
+            self.learning_rate = EMBEDDED_LEARNING_RATE if self.embedded_model else PAPER_LEARNING_RATE
         if not self.learning_rate > 0:
             raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}")
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -132,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         if f.type in ("bool", "bool | None"):
             # `--flag` alone means true; `--flag false` turns a default-on option off
             parser.add_argument(flag, nargs="?", const=True, type=_parse_bool, help=f"(default {default})")
-        elif f.type in ("int", "float"):
+        elif f.type in ("int", "float", "float | None"):
             parser.add_argument(flag, type=int if f.type == "int" else float, help=f"(default {default})")
         else:
             choices = {"lr_scheduler_type": SCHEDULERS, "backend": BACKENDS}.get(f.name)

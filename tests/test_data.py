@@ -243,7 +243,8 @@ def test_options_come_from_defaults_then_yaml_then_command_line(tmp_path):
     recipe.write_text("learning_rate: 0.001\nmax_steps: 7\ntune_projector: false\n")
     config = parse_args(["--config", str(recipe), "--max_steps", "9", "--gradient_checkpointing", "--local_rank=1"])
     assert (config.learning_rate, config.max_steps, config.tune_projector, config.gradient_checkpointing) == (1e-3, 9, False, True)
-    assert parse_args([]).learning_rate == 7e-4
+    assert parse_args([]).learning_rate == 5e-3, "the embedded tiny model's own default"
+    assert parse_args(["--model_name_or_path", str(tmp_path)]).learning_rate == 7e-4, "the paper's"
     recipe.write_text("learning_rat: 0.001\n")
     with pytest.raises(ValueError, match="unknown option.*learning_rat"):
         parse_args(["--config", str(recipe)])
@@ -300,3 +301,18 @@ def test_shipped_ds_configs_resolve():
         assert any(stage in n for n in names), stage
     for path in [*Path("configs").glob("*.json"), Path("ds.json")]:
         resolve_ds_config(json.loads(path.read_text()), TrainConfig(), 2, False, where=str(path))
+
+
+def test_shipped_recipes_use_known_options():
+    from pathlib import Path
+
+    import yaml
+
+    from m2pt_fast.train_config import _check_yaml_values
+
+    recipes = sorted(Path("configs").glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        assert "m2pt_fast/train.py" in path.read_text().split("\n\n")[0], f"{path}: the header shows the launch command"
+        _check_yaml_values(str(path), yaml.safe_load(path.read_text()))
+    assert parse_args(["--config", "configs/tiny.yaml"]).num_synthetic_samples == 1024
