@@ -157,7 +157,14 @@ class M2PTRecipe:
         self._setup_outputs()
 
     def _setup_distributed(self) -> None:
-        import deepspeed
+        try:
+            import deepspeed
+        except ImportError as e:
+            raise ValueError("the trainer runs on DeepSpeed, which is not installed: "
+                             "DS_BUILD_OPS=0 pip install deepspeed (bash setup.sh does it)") from e
+        from deepspeed.utils import logger as deepspeed_logger
+
+        deepspeed_logger.setLevel(logging.WARNING)  # its per-step INFO lines would bury the progress bar
 
         # Without a launcher, act as rank 0 of 1 so the same DeepSpeed path runs everywhere.
         for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
@@ -359,7 +366,7 @@ class M2PTRecipe:
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         # Every rank must take the same decision, or the ones that go on would wait forever.
-        flag = torch.tensor([1.0 if torch.isfinite(loss.detach()).item() else 0.0])
+        flag = torch.isfinite(loss.detach()).float().reshape(1)  # on the loss's device: NCCL needs CUDA tensors
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
@@ -422,7 +429,7 @@ class M2PTRecipe:
 
     def _log_step(self, totals: torch.Tensor, lr: float, grad_norm: float | None, started: float, epoch: int,
                   progress) -> float:
-        reduced = totals.clone()
+        reduced = totals.to(self.device)  # a copy; NCCL reduces CUDA tensors only
         dist.all_reduce(reduced)
         now = time.perf_counter()
         seconds = max(now - started, 1e-9)
