@@ -61,6 +61,13 @@ def publish(output_dir: str | Path, step: int, keep: int) -> Path:
     return final
 
 
+def remove_partial_checkpoints(output_dir: str | Path) -> None:
+    """Delete temporary directories of saves that never finished. Rank 0 only."""
+    root = checkpoints_dir(output_dir)
+    for partial in root.glob(".tmp-step-*") if root.is_dir() else []:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
 def rng_state() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}

@@ -57,6 +57,7 @@ from m2pt_fast.checkpointing import (
     load_rng,
     newest_checkpoint,
     publish,
+    remove_partial_checkpoints,
     save_rng,
     temporary_dir,
     truncate_metrics,
@@ -314,6 +315,7 @@ class M2PTRecipe:
                              "or give another --output_dir")
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            remove_partial_checkpoints(self.output_dir)  # left by a run killed while saving
             if not cfg.resume:
                 self.metrics_path.write_text("")
             run = {"config": to_dict(cfg), "deepspeed": self.ds_config, "world_size": self.world_size,
@@ -388,7 +390,7 @@ class M2PTRecipe:
                 for micro, batch in enumerate(self.loader):
                     loss = self._loss_step(batch)
                     if not self._all_finite(loss):
-                        raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at step {self.global_step + 1}")
+                        raise NonFiniteLoss(f"non-finite loss at step {self.global_step + 1}")
                     engine.backward(loss)
                     lr = self.optimizer.param_groups[0]["lr"]
                     boundary_norm = self._local_grad_norm() if (micro + 1) % accumulation == 0 else None
@@ -410,7 +412,8 @@ class M2PTRecipe:
         except NonFiniteLoss as e:
             found = newest_checkpoint(self.output_dir)
             kept = f"the last good checkpoint is {found[1]}" if found else "no checkpoint was written yet"
-            log.error("%s: stopping; %s. Lower --learning_rate or check the data, then --resume.", e, kept)
+            if self.rank == 0:
+                log.error("%s: stopping; %s. Lower --learning_rate or check the data, then --resume.", e, kept)
             progress.close()
             return 1
         progress.close()
@@ -478,7 +481,9 @@ class M2PTRecipe:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         dist.barrier()
-        client = {"step": step, "signature": self._run_signature()}
+        epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
+        client = {"step": step, "signature": self._run_signature(),  # the data position: where the next step reads
+                  "epoch": epoch, "micro_batch_in_epoch": step_in_epoch * self.cfg.gradient_accumulation_steps}
         self.engine.save_checkpoint(str(tmp), tag=STATE_TAG, client_state=client, save_latest=False,
                                     exclude_frozen_parameters=True)
         save_rng(tmp, self.rank)

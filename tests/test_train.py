@@ -105,12 +105,17 @@ def test_resume_ends_bit_for_bit_like_an_uninterrupted_run(zero2_run, tmp_path):
     resumed = tmp_path / "run"
     shutil.copytree(zero2_run, resumed)
     (resumed / "prompts.safetensors").unlink()
+    # and a save of step 3 that was killed half-way: it must be ignored, and cleared
+    partial = resumed / "checkpoints" / ".tmp-step-3" / "state"
+    partial.mkdir(parents=True)
+    (partial / "mp_rank_00_model_states.pt").write_bytes(b"half a file")
     deepspeed_run(resumed, "--ds_config", "configs/zero2.json", *SHORT, "--resume")
     ours, theirs = tensors(resumed / "prompts.safetensors"), tensors(zero2_run / "prompts.safetensors")
     assert ours.keys() == theirs.keys()
     for name in theirs:
         assert ours[name].equal(theirs[name]), name
     assert [r["loss"] for r in metrics(resumed)] == [r["loss"] for r in metrics(zero2_run)]
+    assert not (resumed / "checkpoints" / ".tmp-step-3").exists()
 
 
 def _llava_json_with_bad_records(directory: Path) -> tuple[Path, Path]:
