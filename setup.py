@@ -2,10 +2,20 @@
 
 The kernel library lives in kernels/ but is installed as `m2pt_kernels`: bitsandbytes probes for a
 top-level package named `kernels`, so that name must never be importable from here.
+
+Native part (vLLM's pattern: Python decides what to build, CMakeLists.txt decides how): the C++/OpenMP
+NF4 quantizer in csrc/ is built when CMake and a C++ compiler are found. Without them, or when the
+build fails, the install goes on pure-Python (m2pt_kernels then quantizes with PyTorch, slower) and
+says so. M2PT_BUILD_NATIVE=0 skips the build, =1 makes a failed build an error.
 """
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 
@@ -22,7 +32,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "dev": ["pytest>=8", "pytest-benchmark>=4"],
+    "dev": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7"],
     "triton": ["triton>=3.2"],
     "bitsandbytes": ["bitsandbytes>=0.45"],
     # deepspeed ships only an sdist; setup.sh builds it with DS_BUILD_OPS=0 (ops JIT-compile later).
@@ -31,6 +41,55 @@ EXTRAS = {
     "gpu": ["flash-attn>=2.6"],
 }
 EXTRAS["all"] = sorted({r for k, v in EXTRAS.items() if k != "gpu" for r in v})
+
+
+
+def _say(msg: str) -> None:
+    # stderr, so that pip shows it with -v and it is not mixed into captured stdout
+    print(f"[m2pt-fast] {msg}", file=sys.stderr)
+
+
+class CMakeExtension(Extension):
+    """A library CMake builds; setuptools only decides where it lands."""
+
+    def __init__(self, name: str, target: str):
+        super().__init__(name, sources=[])
+        self.target = target
+
+
+class cmake_build_ext(build_ext):
+    def build_extensions(self):
+        mode = os.environ.get("M2PT_BUILD_NATIVE", "auto")
+        missing = [tool for tool in ("cmake", os.environ.get("CXX", "c++")) if shutil.which(tool) is None]
+        for ext in list(self.extensions):
+            if mode == "0" or (missing and mode != "1"):
+                why = "M2PT_BUILD_NATIVE=0" if mode == "0" else f"{' and '.join(missing)} not found"
+                _say(f"native NF4 library skipped ({why}): NF4 quantization on the CPU uses PyTorch")
+                self.extensions.remove(ext)
+                continue
+            try:
+                self._cmake_build(ext)
+                _say(f"native NF4 library built: {self.get_ext_fullpath(ext.name)}")
+            except (OSError, subprocess.CalledProcessError) as exc:
+                if mode == "1":
+                    raise
+                _say(f"native NF4 library build FAILED ({exc}); installing the pure-Python path")
+                self.extensions.remove(ext)
+
+    def _cmake_build(self, ext: CMakeExtension) -> None:
+        out = Path(self.get_ext_fullpath(ext.name)).resolve()
+        build_dir = Path(self.build_temp).resolve() / "cmake"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        # a cache from an earlier configure keeps that run's compiler and flags: start clean
+        (build_dir / "CMakeCache.txt").unlink(missing_ok=True)
+        subprocess.run(
+            ["cmake", "-S", str(ROOT), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
+             f"-DM2PT_OUTPUT_DIR={out.parent}", f"-DM2PT_OUTPUT_NAME={out.name}"],
+            check=True,
+        )
+        jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
+        subprocess.run(["cmake", "--build", str(build_dir), "--target", ext.target, "-j", jobs], check=True)
+
 
 setup(
     name="m2pt-fast",
@@ -43,4 +102,6 @@ setup(
     package_dir={"m2pt_kernels": "kernels"},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
+    ext_modules=[CMakeExtension("m2pt_kernels.libm2pt_nf4", target="m2pt_nf4")],
+    cmdclass={"build_ext": cmake_build_ext},
 )

@@ -1,4 +1,4 @@
-"""Autoregressive decoding for M2PTLlava with a KV cache.
+"""Autoregressive decoding with a KV cache, for M2PTLlava and DeepTextPrompts.
 
 The prompt rows enter the cache once, at prefill, so decode steps cost the same as without prompts.
 Batches must be left-padded (as transformers generation expects): new tokens are appended at the
@@ -7,7 +7,6 @@ right end of every row.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import DynamicCache
 
 
 def _check_left_padded(attention_mask: torch.Tensor) -> None:
@@ -71,8 +70,8 @@ def generate(
 
     # Positions count real tokens only, so left padding does not shift them.
     positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.llava.model.language_model.config)
-    out = model(input_ids, pixel_values, attention_mask, position_ids=positions, past_key_values=cache, use_cache=True)
+    images = {} if pixel_values is None else {"pixel_values": pixel_values}
+    out = model(input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True, **images)
     tokens = input_ids
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
     next_position = positions[:, -1:] + 1
@@ -92,7 +91,7 @@ def generate(
         if step == max_new_tokens - 1:
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
-        out = model(next_token[:, None], None, attention_mask, position_ids=next_position,
+        out = model(next_token[:, None], attention_mask=attention_mask, position_ids=next_position,
                     past_key_values=out.past_key_values, use_cache=True)
         next_position = next_position + 1
     return tokens

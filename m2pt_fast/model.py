@@ -11,7 +11,10 @@ The "reference" backend computes DESIGN.md §1's reference form, step by step:
 - text: `text_prompts[0]` is prepended to the input embeddings (before BOS); the attention mask gains
   n_t ones, positions shift by n_t, labels gain n_t × -100; before decoder layer j > 0 the prompt rows
   are overwritten with `text_prompts[j]`.
-It is the oracle every fast path is checked against, so it favours plainness over speed.
+It is the oracle every fast path is checked against, so it favours plainness over speed
+(m2pt_fast/reference.py). The "fused" backend computes the same function with the prompts as
+batch-shared prefix K/V inside attention and a loss over answer tokens only (m2pt_fast/fused.py).
+`backend` can be switched between calls on the same object.
 """
 from __future__ import annotations
 
@@ -19,14 +22,14 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import LlavaForConditionalGeneration
-from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_causal_mask
+from transformers.cache_utils import Cache
 
-BACKENDS = ("reference",)
-IGNORE_INDEX = -100
+from . import fused, reference
+from .generation import generate
+
+BACKENDS = ("reference", "fused")
 
 
 @dataclass
@@ -50,10 +53,11 @@ class M2PTConfig:
 
 @dataclass
 class M2PTOutput:
-    """`logits`: (B, T, V) for the text positions only (prompt positions removed)."""
+    """`logits`: (B, T, V) for the text positions only (prompt positions removed), or None where the
+    fused backend was not asked for them (it skips full-vocabulary logits when training)."""
 
     loss: torch.Tensor | None
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     past_key_values: Cache | None = None
 
 
@@ -80,7 +84,21 @@ def feature_layer_indices(llava: LlavaForConditionalGeneration) -> list[int]:
     return indices
 
 
-def _xavier_uniform_per_layer(prompts: torch.Tensor) -> None:
+class BackendSwitch:
+    """A `backend` attribute ("reference" or "fused") that can be switched between calls."""
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        if value not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
+        self._backend = value
+
+
+def xavier_uniform_per_layer(prompts: torch.Tensor) -> None:
     """Xavier-uniform init of each layer's (n, d) prompt matrix, as the paper's code does."""
     _, n, d = prompts.shape
     if n == 0 or d == 0:
@@ -90,7 +108,7 @@ def _xavier_uniform_per_layer(prompts: torch.Tensor) -> None:
         prompts.uniform_(-bound, bound)
 
 
-class M2PTLlava(nn.Module):
+class M2PTLlava(BackendSwitch, nn.Module):
     """A frozen LLaVA with deep visual prompts, deep textual prompts and a trainable projector.
 
     Parameters of its own:
@@ -125,8 +143,8 @@ class M2PTLlava(nn.Module):
             llava.config.text_config.num_hidden_layers, config.num_text_prompts, llava.config.text_config.hidden_size,
             dtype=text_ref.dtype, device=text_ref.device,
         ))
-        _xavier_uniform_per_layer(self.vision_prompts)
-        _xavier_uniform_per_layer(self.text_prompts)
+        xavier_uniform_per_layer(self.vision_prompts)
+        xavier_uniform_per_layer(self.text_prompts)
         self._set_trainable()
 
     # ----------------------------------------------------------------------------------------- setup
@@ -146,18 +164,12 @@ class M2PTLlava(nn.Module):
             self.llava.lm_head.requires_grad_(True)
 
     @property
-    def backend(self) -> str:
-        return self._backend
-
-    @backend.setter
-    def backend(self, value: str) -> None:
-        if value not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
-        self._backend = value
-
-    @property
     def projector(self) -> nn.Module:
         return self.llava.model.multi_modal_projector
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.llava.lm_head
 
     @property
     def num_vision_prompts(self) -> int:
@@ -191,6 +203,11 @@ class M2PTLlava(nn.Module):
     def gradient_checkpointing_disable(self) -> None:
         self.llava.activation_checkpointing_disable()
 
+    @property
+    def language_model(self):
+        """The transformers decoder (LlamaModel) the text prompts live in."""
+        return self.llava.model.language_model
+
     # --------------------------------------------------------------------------------------- vision
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values: (B_img, 3, H, W) -> projected features (B_img, image_seq_length, d_text)."""
@@ -198,18 +215,13 @@ class M2PTLlava(nn.Module):
         vision = _vision_tower_parts(self.llava)
         hidden = vision.embeddings(pixel_values.to(vision.embeddings.patch_embedding.weight.dtype))
         hidden = vision.pre_layrnorm(hidden)  # (B, 1 + patches, d_v)
-        n = self.num_vision_prompts
-        batch = hidden.shape[0]
-        if n:
-            hidden = torch.cat([self.vision_prompts[0].expand(batch, n, -1).to(hidden.dtype), hidden], dim=1)
-        states = {0: hidden}
-        for i in range(max(self.feature_layers)):
-            if n and i > 0:
-                hidden = torch.cat([self.vision_prompts[i].expand(batch, n, -1).to(hidden.dtype), hidden[:, n:]], dim=1)
-            hidden = vision.encoder.layers[i](hidden, None)
-            states[i + 1] = hidden
-        # (B, n + 1 + patches, d_v): drop the prompt rows, and CLS unless the strategy keeps it
-        start = n + (1 if self.llava.config.vision_feature_select_strategy == "default" else 0)
+        # Layers after the deepest selected one cannot affect the features: they are never run.
+        depth = max(self.feature_layers)
+        if self.backend == "fused":
+            states = fused.clip_states(vision, hidden, self.vision_prompts, depth, self.training)
+        else:
+            states = reference.clip_states(vision, hidden, self.vision_prompts, depth)
+        start = 1 if self.llava.config.vision_feature_select_strategy == "default" else 0  # drop CLS
         selected = torch.cat([states[k][:, start:] for k in self.feature_layers], dim=-1)
         return self.projector(selected)
 
@@ -234,6 +246,7 @@ class M2PTLlava(nn.Module):
         position_ids: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         use_cache: bool = False,
+        return_logits: bool | None = None,
     ) -> M2PTOutput:
         """The same inputs as transformers' LLaVA.
 
@@ -241,15 +254,17 @@ class M2PTLlava(nn.Module):
         attention_mask: (B, T_past + T), 1 for tokens, 0 for padding (prompt positions are added here);
         labels: (B, T), -100 where no loss is taken; position_ids: (B, T) text positions (default
         0.. for a fresh sequence), shifted by n_t internally; past_key_values: a cache from an earlier
-        call (it holds the prompt rows).
+        call (it holds the prompt rows). return_logits: default True for the reference backend; the
+        fused backend computes logits only when asked or when no labels are given.
         """
-        if self.backend == "reference":
-            return self._forward_reference(input_ids, pixel_values, attention_mask, labels, position_ids,
-                                           past_key_values, use_cache)
-        raise AssertionError(f"unhandled backend {self.backend!r}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
+        embeds = self._embed(input_ids, pixel_values)
+        return text_forward(self, embeds, attention_mask, labels, position_ids, past_key_values, use_cache,
+                            return_logits)
 
     def _embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-        embeds = self.llava.model.language_model.embed_tokens(input_ids)  # (B, T, d)
+        embeds = self.language_model.embed_tokens(input_ids)  # (B, T, d)
         is_image = input_ids == self.image_token_id
         num_image_tokens = int(is_image.sum())
         num_images = 0 if pixel_values is None else pixel_values.shape[0]
@@ -265,70 +280,33 @@ class M2PTLlava(nn.Module):
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), features.to(embeds.dtype))
         return embeds
 
-    def _forward_reference(self, input_ids, pixel_values, attention_mask, labels, position_ids,
-                           past_key_values, use_cache) -> M2PTOutput:
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
-        batch, seq_len = input_ids.shape
-        n = self.num_text_prompts
-        past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
-        prefill = past_len == 0
-        text_past = 0 if prefill else past_len - n
-        device = input_ids.device
-
-        if attention_mask is None:
-            attention_mask = torch.ones(batch, text_past + seq_len, dtype=torch.long, device=device)
-        if tuple(attention_mask.shape) != (batch, text_past + seq_len):
-            raise ValueError(
-                f"attention_mask must have shape {(batch, text_past + seq_len)} (cached + new tokens), "
-                f"got {tuple(attention_mask.shape)}"
-            )
-        if labels is not None and labels.shape != input_ids.shape:
-            raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
-        if position_ids is None:
-            position_ids = torch.arange(text_past, text_past + seq_len, device=device).expand(batch, seq_len)
-
-        hidden = self._embed(input_ids, pixel_values)
-        mask = torch.cat([attention_mask.new_ones(batch, n), attention_mask], dim=1)  # (B, n + T_past + T)
-        positions = position_ids + n
-        if prefill and n:
-            hidden = torch.cat([self.text_prompts[0].expand(batch, n, -1).to(hidden.dtype), hidden], dim=1)
-            positions = torch.cat([torch.arange(n, device=device).expand(batch, n), positions], dim=1)
-
-        lm = self.llava.model.language_model
-        cache = past_key_values
-        if use_cache and cache is None:
-            cache = DynamicCache(config=lm.config)
-        causal_mask = create_causal_mask(
-            config=lm.config, inputs_embeds=hidden, attention_mask=mask, past_key_values=cache, position_ids=positions
-        )
-        rope = lm.rotary_emb(hidden, position_ids=positions)
-        for j, layer in enumerate(lm.layers):
-            if prefill and n and j > 0:
-                hidden = torch.cat([self.text_prompts[j].expand(batch, n, -1).to(hidden.dtype), hidden[:, n:]], dim=1)
-            hidden = layer(hidden, attention_mask=causal_mask, position_embeddings=rope, position_ids=positions,
-                           past_key_values=cache, use_cache=use_cache)
-        hidden = lm.norm(hidden)
-        logits = self.llava.lm_head(hidden)  # (B, [n +] T, V)
-
-        loss = None
-        if labels is not None:
-            if prefill and n:
-                labels = torch.cat([labels.new_full((batch, n), IGNORE_INDEX), labels], dim=1)
-            # next-token loss over the whole extended sequence, in fp32 as transformers computes it:
-            # position t predicts labels[t + 1], the last position predicts nothing.
-            targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
-        if prefill and n:
-            logits = logits[:, n:]
-        return M2PTOutput(loss=loss, logits=logits, past_key_values=cache if use_cache else None)
-
     # ----------------------------------------------------------------------------------- generation
     def generate(self, input_ids, pixel_values=None, max_new_tokens=32, **kwargs) -> torch.Tensor:
         """Greedy or sampled decoding with a KV cache; see m2pt_fast.generation.generate."""
-        from .generation import generate
-
         return generate(self, input_ids, pixel_values, max_new_tokens, **kwargs)
+
+
+def text_forward(model, embeds, attention_mask, labels, position_ids, past_key_values, use_cache, return_logits):
+    """The decoder half shared by M²PT and plain deep text prompts: `model` has `backend`,
+    `training`, `text_prompts`, `language_model` and `lm_head`; embeds: (B, T, d)."""
+    lm, lm_head, prompts = model.language_model, model.lm_head, model.text_prompts
+    if model.backend == "reference":
+        loss, logits, cache = reference.text_forward(lm, lm_head, prompts, embeds, attention_mask, labels,
+                                                     position_ids, past_key_values, use_cache)
+        return M2PTOutput(loss=loss, logits=logits, past_key_values=cache)
+    if use_cache or past_key_values is not None:
+        # Decoding: the prompt K/V enter the cache once, computed for the whole batch; the text then
+        # runs through the cached path.
+        if past_key_values is None or past_key_values.get_seq_length() == 0:
+            past_key_values = fused.prompt_cache(lm, prompts, embeds.shape[0], past_key_values)
+        loss, logits, cache = reference.text_forward(lm, lm_head, prompts, embeds, attention_mask, labels,
+                                                     position_ids, past_key_values, True)
+        return M2PTOutput(loss=loss, logits=logits, past_key_values=cache)
+    if return_logits is None:
+        return_logits = labels is None
+    loss, logits = fused.text_forward(lm, lm_head, prompts, embeds, attention_mask, labels, position_ids,
+                                      return_logits, model.training)
+    return M2PTOutput(loss=loss, logits=logits)
 
 
 def apply_m2pt(

@@ -1,0 +1,102 @@
+"""Benchmark harness: every run saves its data with device, versions, commit and date.
+
+    pytest bench/ --benchmark-only                      # results: bench/results/<date>-<device>-<commit>.json
+    pytest bench/ --benchmark-only --benchmark-json=F   # results: F
+
+GPU runs are the product's figures and are committed; CPU runs only prove the harness and go to
+bench/results/cpu/ (ignored by git).
+"""
+import datetime
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "results"
+sys.path.insert(0, str(BENCH))  # importlib mode leaves bench/ off sys.path; shared workloads live here
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu-{platform.machine()}"
+
+
+def versions() -> dict:
+    found = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("triton", "transformers", "bitsandbytes", "deepspeed", "flash_attn"):
+        try:
+            found[name] = __import__(name).__version__
+        except Exception:  # not installed, or broken on this machine: record that, do not fail
+            found[name] = None
+    found["cuda"] = torch.version.cuda
+    return found
+
+
+def commit() -> str:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=BENCH, capture_output=True, text=True).stdout.strip()
+
+    sha = git("rev-parse", "HEAD") or "unknown"
+    return sha + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+RUN_INFO = {
+    "device": device_name(),
+    "versions": versions(),
+    "commit": commit(),
+    "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+}
+
+
+def results_dir() -> Path:
+    return RESULTS if torch.cuda.is_available() else RESULTS / "cpu"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    # Default --benchmark-json to a dated file, before pytest-benchmark reads its options.
+    if getattr(config.option, "benchmark_json", "absent") is None and not config.option.benchmark_disable:
+        folder = results_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"{RUN_INFO['date'][:10]}-{slug(RUN_INFO['device'])}-{RUN_INFO['commit'][:8]}.json"
+        config.option.benchmark_json = open(folder / name, "wb")
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["m2pt"] = RUN_INFO
+
+
+HEADLINE_KEYS = ("samples_per_s", "tokens_per_s", "peak_mem_bytes", "mfu", "max_microbatch_24gib")
+
+
+def pytest_sessionfinish(session):
+    """On a GPU, the ours-vs-baseline step figures also go to headline-<gpu>-<date>.json."""
+    workloads = sys.modules.get("workloads")
+    if workloads is None or not torch.cuda.is_available():
+        return
+    found = workloads.HEADLINE_RESULTS
+    if not all(p in found and "samples_per_s" in found[p] for p in ("ours", "baseline")):
+        return
+    import json
+
+    shape = workloads.default_shape()
+    headline = {
+        **RUN_INFO,
+        "shape": {k: str(v) for k, v in vars(shape).items()},
+        "ours": {k: found["ours"].get(k) for k in HEADLINE_KEYS},
+        "baseline": {k: found["baseline"].get(k) for k in HEADLINE_KEYS},
+        "detail": found,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"headline-{slug(RUN_INFO['device'])}-{RUN_INFO['date'][:10]}.json"
+    path.write_text(json.dumps(headline, indent=2))

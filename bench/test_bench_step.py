@@ -1,0 +1,110 @@
+"""End-to-end benchmark: one M²PT training step (forward, backward, optimizer), ours vs the baseline.
+
+    pytest bench/test_bench_step.py --benchmark-only
+
+On CUDA: DESIGN.md §5's headline shape (LLaVA-1.5-7B, NF4, bf16, micro-batch 8, 576 image + 128 text
+tokens, 32 answer tokens, n_v = n_t = 10), reporting samples/s, tokens/s, peak memory and MFU against
+the dense bf16 rate measured in the same run, plus the largest micro-batch that fits in 24 GiB; the
+run also writes bench/results/headline-<gpu>-<date>.json. On a CPU: a tiny shape, to prove the
+harness (CPU timings are not performance figures).
+"""
+import gc
+import importlib.util
+
+import pytest
+import torch
+
+import workloads
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+SHAPE = workloads.default_shape()
+ROUNDS, WARMUP = (10, 2) if HAS_CUDA else (3, 1)
+_dense_rate = {}
+
+
+def _skip_unless_available(provider):
+    if SHAPE.quant == "nf4" and provider == "baseline" and importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("the baseline needs bitsandbytes (pip install bitsandbytes)")
+    if SHAPE.quant == "nf4" and provider == "ours" and importlib.util.find_spec("m2pt_fast.quantize") is None:
+        pytest.skip("m2pt_fast.quantize (the NF4 backbone) is not in this checkout")
+
+
+def _release():
+    gc.collect()
+    if HAS_CUDA:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _sync():
+    if HAS_CUDA:
+        torch.cuda.synchronize()
+
+
+@pytest.fixture(autouse=True)
+def _pytorch_paths_on_cpu(monkeypatch):
+    # On a CPU the Triton interpreter (a numpy simulation) would time the simulator, not the method:
+    # compare the PyTorch paths of both sides instead.
+    if not HAS_CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+@pytest.mark.parametrize("provider", ["ours", "baseline"])
+def test_train_step(benchmark, provider):
+    _skip_unless_available(provider)
+    _release()
+    model, optimizer = workloads.build(provider, SHAPE, DEVICE)
+    batch = workloads.make_batch(model, SHAPE)
+    if HAS_CUDA:
+        torch.cuda.reset_peak_memory_stats()
+
+    def step():
+        loss = workloads.train_step(model, optimizer, batch)
+        _sync()
+        return loss
+
+    loss = benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
+    assert torch.isfinite(loss)
+    seconds = benchmark.stats.stats.median
+    tokens = batch[0].numel()
+    figures = {
+        "samples_per_s": SHAPE.batch / seconds,
+        "tokens_per_s": tokens / seconds,
+        "peak_mem_bytes": torch.cuda.max_memory_allocated() if HAS_CUDA else None,
+        "useful_tflop_per_step": workloads.useful_flops_per_sample(model, SHAPE) * SHAPE.batch / 1e12,
+    }
+    if HAS_CUDA:
+        if "rate" not in _dense_rate:
+            _dense_rate["rate"] = workloads.dense_bf16_rate()
+        figures["dense_bf16_tflops"] = _dense_rate["rate"] / 1e12
+        figures["mfu"] = figures["useful_tflop_per_step"] * 1e12 / seconds / _dense_rate["rate"]
+    benchmark.extra_info.update(shape=str(SHAPE), device=DEVICE, **figures)
+    workloads.HEADLINE_RESULTS.setdefault(provider, {}).update(figures)
+    del model, optimizer, batch
+    _release()
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="the 24 GiB micro-batch search needs a CUDA GPU")
+@pytest.mark.parametrize("provider", ["ours", "baseline"])
+def test_max_microbatch_24gib(provider):
+    _skip_unless_available(provider)
+    _release()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, 24 * 2**30 / total))
+    largest = 0
+    try:
+        model, optimizer = workloads.build(provider, SHAPE, DEVICE)
+        for batch_size in (8, 12, 16, 24, 32, 48, 64, 96, 128):
+            try:
+                workloads.train_step(model, optimizer, workloads.make_batch(model, SHAPE, batch=batch_size))
+                _sync()
+            except torch.OutOfMemoryError:
+                break
+            largest = batch_size
+            _release()
+        del model, optimizer
+    finally:
+        _release()
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    workloads.HEADLINE_RESULTS.setdefault(provider, {})["max_microbatch_24gib"] = largest

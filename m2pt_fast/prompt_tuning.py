@@ -1,0 +1,98 @@
+"""Deep prompt tuning without LLaVA: the same machinery on a plain vision or language model.
+
+- `DeepVisionPrompts`: VPT-deep on a transformers `CLIPVisionModel` — n trainable prompt rows in
+  every encoder layer, the backbone frozen.
+- `DeepTextPrompts`: deep text prompts (prefix tuning with prompt rows) on a `LlamaForCausalLM` —
+  n trainable rows before every decoder layer's input, the backbone frozen; trains and generates.
+
+Both have M²PT's two backends: "reference" puts the prompt rows in the sequence, "fused" hands each
+layer's prompt K/V to `m2pt_kernels.prefix_attention` as a batch-shared prefix.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import CLIPVisionModel, LlamaForCausalLM
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from . import fused, reference
+from .generation import generate
+from .model import BackendSwitch, M2PTConfig, M2PTOutput, text_forward, xavier_uniform_per_layer
+
+
+def _prompt_parameter(layers: int, n: int, width: int, like: torch.Tensor) -> nn.Parameter:
+    M2PTConfig(num_vision_prompts=n, num_text_prompts=n)  # validates n
+    prompts = nn.Parameter(torch.empty(layers, n, width, dtype=like.dtype, device=like.device))
+    xavier_uniform_per_layer(prompts)
+    return prompts
+
+
+class DeepVisionPrompts(BackendSwitch, nn.Module):
+    """VPT-deep: prompts (L, n, d) in every layer of a frozen CLIPVisionModel."""
+
+    def __init__(self, vision_model: CLIPVisionModel, num_prompts: int = 10, *, backend: str = "fused"):
+        super().__init__()
+        if not isinstance(vision_model, CLIPVisionModel):
+            raise TypeError(f"DeepVisionPrompts takes a transformers CLIPVisionModel, got {type(vision_model).__name__}")
+        self.vision_model = vision_model.requires_grad_(False)
+        self.backend = backend
+        config = vision_model.config
+        self.prompts = _prompt_parameter(config.num_hidden_layers, num_prompts, config.hidden_size,
+                                         self._tower.embeddings.patch_embedding.weight)
+
+    @property
+    def _tower(self):
+        return getattr(self.vision_model, "vision_model", self.vision_model)
+
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> BaseModelOutputWithPooling:
+        """pixel_values (B, 3, H, W) -> last_hidden_state (B, 1 + patches, d) without prompt rows,
+        pooler_output (B, d) (post-layernormed CLS), and every layer's state when asked."""
+        tower = self._tower
+        hidden = tower.embeddings(pixel_values.to(tower.embeddings.patch_embedding.weight.dtype))
+        hidden = tower.pre_layrnorm(hidden)  # (B, 1 + patches, d)
+        depth = len(tower.encoder.layers)
+        if self.backend == "fused":
+            states = fused.clip_states(tower, hidden, self.prompts, depth, self.training)
+        else:
+            states = reference.clip_states(tower, hidden, self.prompts, depth)
+        last = states[-1]
+        return BaseModelOutputWithPooling(
+            last_hidden_state=last,
+            pooler_output=tower.post_layernorm(last[:, 0]),
+            hidden_states=tuple(states) if output_hidden_states else None,
+        )
+
+
+class DeepTextPrompts(BackendSwitch, nn.Module):
+    """Deep text prompts (L, n, d) before every decoder layer of a frozen LlamaForCausalLM."""
+
+    def __init__(self, causal_lm: LlamaForCausalLM, num_prompts: int = 10, *, backend: str = "fused"):
+        super().__init__()
+        if not isinstance(causal_lm, LlamaForCausalLM):
+            raise TypeError(f"DeepTextPrompts takes a transformers LlamaForCausalLM, got {type(causal_lm).__name__}")
+        self.causal_lm = causal_lm.requires_grad_(False)
+        self.backend = backend
+        config = causal_lm.config
+        self.text_prompts = _prompt_parameter(config.num_hidden_layers, num_prompts, config.hidden_size,
+                                              causal_lm.model.embed_tokens.weight)
+
+    @property
+    def language_model(self):
+        return self.causal_lm.model
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.causal_lm.lm_head
+
+    def forward(self, input_ids, attention_mask=None, labels=None, *, position_ids=None, past_key_values=None,
+                use_cache=False, return_logits=None) -> M2PTOutput:
+        """input_ids (B, T); attention_mask (B, T_past + T); labels (B, T) -> loss, logits (B, T, V)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
+        embeds = self.language_model.embed_tokens(input_ids)
+        return text_forward(self, embeds, attention_mask, labels, position_ids, past_key_values, use_cache,
+                            return_logits)
+
+    def generate(self, input_ids, max_new_tokens=32, **kwargs) -> torch.Tensor:
+        """Greedy or sampled decoding with a KV cache; see m2pt_fast.generation.generate."""
+        return generate(self, input_ids, None, max_new_tokens, **kwargs)

@@ -1,0 +1,72 @@
+"""Generation with a KV cache against a greedy loop over full forwards."""
+import pytest
+import torch
+
+from m2pt_fast import apply_m2pt, build_llava
+
+from model_inputs import make_batch
+
+
+@pytest.fixture(scope="module")
+def model():
+    return apply_m2pt(build_llava("tiny-gqa", seed=3), 4, 5)
+
+
+def greedy_loop(model, ids, pixels, steps):
+    """The oracle: no cache, the whole sequence re-run for every new token."""
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(ids, pixels).logits
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+def test_greedy_generation_equals_full_forward_loop(model):
+    ids, pixels, _ = make_batch(model, batch=2, seed=11)
+    generated = model.generate(ids, pixels, max_new_tokens=6)
+    assert generated.shape == (2, ids.shape[1] + 6)
+    assert torch.equal(generated, greedy_loop(model, ids, pixels, 6))
+
+
+def test_left_padded_batch_equals_each_row_alone(model):
+    ids, pixels, _ = make_batch(model, batch=2, seed=12)
+    short = ids[1:, 3:]  # row 1 without its first three text tokens, left-padded back to full width
+    batch_ids = torch.cat([ids[:1], torch.cat([torch.zeros(1, 3, dtype=ids.dtype), short], 1)])
+    mask = torch.ones_like(batch_ids)
+    mask[1, :3] = 0
+    generated = model.generate(batch_ids, pixels, max_new_tokens=5, attention_mask=mask)
+    assert torch.equal(generated[0], greedy_loop(model, ids[:1], pixels[:1], 5)[0])
+    assert torch.equal(generated[1, 3:], greedy_loop(model, short, pixels[1:], 5)[0])
+
+
+def test_text_only_generation(model):
+    ids, _, _ = make_batch(model, batch=1, images=False, seed=13)
+    assert torch.equal(model.generate(ids, None, max_new_tokens=4), greedy_loop(model, ids, None, 4))
+
+
+def test_eos_stops_and_pads(model):
+    ids, pixels, _ = make_batch(model, batch=1, seed=14)
+    free = model.generate(ids, pixels, max_new_tokens=6)
+    eos = int(free[0, ids.shape[1] + 1])  # make the second new token the end of sequence
+    stopped = model.generate(ids, pixels, max_new_tokens=6, eos_token_id=eos)
+    assert torch.equal(stopped, free[:, : ids.shape[1] + 2])
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(model):
+    ids, pixels, _ = make_batch(model, batch=2, seed=15)
+    run = lambda seed, **kw: model.generate(ids, pixels, max_new_tokens=5, do_sample=True,
+                                            generator=torch.Generator().manual_seed(seed), **kw)
+    assert torch.equal(run(0, temperature=1.5), run(0, temperature=1.5))
+    assert torch.equal(run(1, top_k=1), model.generate(ids, pixels, max_new_tokens=5))
+    # a nucleus this small keeps only the most likely token
+    assert torch.equal(run(2, top_p=1e-6), model.generate(ids, pixels, max_new_tokens=5))
+    samples = torch.stack([run(s, temperature=2.0)[:, ids.shape[1]:] for s in range(6)])
+    assert len({tuple(x.flatten().tolist()) for x in samples}) > 1  # sampling really samples
+
+
+def test_right_padding_is_refused(model):
+    ids, pixels, _ = make_batch(model, batch=2, seed=16)
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0
+    with pytest.raises(ValueError, match="left-padded"):
+        model.generate(ids, pixels, attention_mask=mask)
