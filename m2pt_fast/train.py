@@ -50,7 +50,16 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from m2pt_fast import apply_m2pt, build_llava, llava_config, load_llava, save_prompts, trainable_report
+from m2pt_fast import (
+    apply_m2pt,
+    build_llava,
+    llava_config,
+    load_llava,
+    load_quantized,
+    quantize_model,
+    save_prompts,
+    trainable_report,
+)
 from m2pt_fast import model as m2pt_model
 from m2pt_fast.checkpointing import (
     STATE_TAG,
@@ -199,12 +208,11 @@ class M2PTRecipe:
         resolved = dataclasses.replace(cfg, quant=self.quant)
         self.ds_config = resolve_ds_config(load_ds_config(cfg.ds_config), resolved, self.world_size, self.bf16, where)
         self.zero_stage = zero_stage(self.ds_config)
-        if self.quant == "nf4":
-            raise ValueError("--quant nf4 needs the NF4 backbone, which this build does not have yet: use --quant bf16")
 
     def _setup_model(self) -> None:
         cfg = self.cfg
-        dtype = torch.bfloat16 if self.quant == "bf16" else torch.float32
+        # the dtype of everything that stays dense (and of the NF4 weights once dequantized)
+        dtype = torch.bfloat16 if self.bf16 or self.quant == "bf16" else torch.float32
 
         if cfg.embedded_model:
             texts = [*synthetic_texts(), SYSTEM_PROMPT, f"{USER}: {ASSISTANT}:"]
@@ -217,13 +225,19 @@ class M2PTRecipe:
                 shape, device=self.device, dtype=dtype, seed=cfg.seed, vocab_size=len(self.tokenizer),
                 image_token_id=self.tokenizer.convert_tokens_to_ids(IMAGE), pad_token_id=self.tokenizer.pad_token_id,
             )
+            if self.quant == "nf4":
+                quantize_model(llava)
         else:
             from transformers import AutoTokenizer
 
             self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, local_files_only=True)
             if self.tokenizer.pad_token_id is None:
                 self.tokenizer.pad_token = self.tokenizer.unk_token  # LLaVA's choice for LLaMA tokenizers
-            llava = load_llava(cfg.model_name_or_path, device=self.device, dtype=dtype)
+            if self.quant == "nf4":
+                # an NF4 directory (ours or bitsandbytes') loads as is; a float one is quantized as it streams in
+                llava = load_quantized(cfg.model_name_or_path, dtype=dtype).to(self.device)
+            else:
+                llava = load_llava(cfg.model_name_or_path, device=self.device, dtype=dtype)
         torch.manual_seed(cfg.seed)  # the prompts' initial values, the same on every rank
         backend = cfg.backend
         if backend == "auto":

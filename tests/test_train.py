@@ -92,9 +92,11 @@ def test_deepspeed_zero2_two_processes(zero2_run):
 
 
 def test_deepspeed_zero3_two_processes_matches_zero2(zero2_run, tmp_path):
-    deepspeed_run(tmp_path, "--ds_config", "configs/zero3.json", *SHORT)
+    # the reference backend here, the fused one (the default) in zero2_run: one function, two forms
+    deepspeed_run(tmp_path, "--ds_config", "configs/zero3.json", "--backend", "reference", *SHORT)
     _check_finished_run(tmp_path)
-    # Same data, same math, partitioned differently: equal up to the order of fp32 reductions.
+    assert json.loads((tmp_path / "run_config.json").read_text())["backend"] == "reference"
+    # Same data, same function, partitioned differently: equal up to the order of fp32 reductions.
     ours, theirs = tensors(tmp_path / "prompts.safetensors"), tensors(zero2_run / "prompts.safetensors")
     for name in theirs:
         assert (ours[name] - theirs[name]).abs().max() < 1e-5, name
@@ -150,6 +152,13 @@ def test_python_without_launcher_skips_bad_records(tmp_path):
     assert len(rows) == 3 and sum(r["skipped_records"] for r in rows) == 1
     assert "truncated" in result.stderr
     assert (out / "prompts.safetensors").is_file()
+
+
+def test_nf4_backbone_with_zero2_and_gradient_checkpointing(tmp_path):
+    python_run(tmp_path, "--quant", "nf4", "--ds_config", "configs/zero2.json", "--gradient_checkpointing",
+               "--max_steps", "2", "--dataloader_num_workers", "0")
+    assert json.loads((tmp_path / "run_config.json").read_text())["quant"] == "nf4"
+    assert len(metrics(tmp_path)) == 2 and (tmp_path / "prompts.safetensors").is_file()
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
