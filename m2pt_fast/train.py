@@ -204,6 +204,9 @@ class M2PTRecipe:
         if self.bf16 and self.device.type != "cuda":
             raise ValueError("--bf16 needs a GPU: on the CPU the trainer computes in fp32 (leave --bf16 out)")
         self.quant = cfg.quant or ("bf16" if self.bf16 else "fp32")
+        if self.quant == "bf16" and not self.bf16:
+            raise ValueError("--quant bf16 keeps the backbone in bf16, which needs bf16 compute (--bf16, a GPU); "
+                             "on the CPU use --quant fp32 or --quant nf4")
         where = cfg.ds_config or "the built-in ZeRO-0 DeepSpeed config"
         resolved = dataclasses.replace(cfg, quant=self.quant)
         self.ds_config = resolve_ds_config(load_ds_config(cfg.ds_config), resolved, self.world_size, self.bf16, where)

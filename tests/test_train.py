@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("deepspeed")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -154,11 +155,36 @@ def test_python_without_launcher_skips_bad_records(tmp_path):
     assert (out / "prompts.safetensors").is_file()
 
 
-def test_nf4_backbone_with_zero2_and_gradient_checkpointing(tmp_path):
-    python_run(tmp_path, "--quant", "nf4", "--ds_config", "configs/zero2.json", "--gradient_checkpointing",
+def _local_model_directory(directory: Path) -> Path:
+    """A tiny LLaVA saved as a user would have one: weights, tokenizer, preprocessor_config.json."""
+    from transformers import CLIPImageProcessor
+
+    from m2pt_fast import build_llava
+    from m2pt_fast.data import IMAGE, build_word_tokenizer, synthetic_texts, words_of
+    from m2pt_fast.data.conversation import SYSTEM_PROMPT
+
+    tokenizer = build_word_tokenizer(words_of([*synthetic_texts(), SYSTEM_PROMPT, "USER: ASSISTANT:"]))
+    llava = build_llava("tiny", vocab_size=len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),
+                        pad_token_id=tokenizer.pad_token_id)
+    llava.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    size = llava.config.vision_config.image_size
+    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(directory)
+    return directory
+
+
+def test_local_model_directory_quantized_to_nf4_with_zero2(tmp_path):
+    from m2pt_fast.data import write_llava_json
+
+    model = _local_model_directory(tmp_path / "model")
+    data_path, images = write_llava_json(tmp_path / "data", 32, seed=4)
+    out = tmp_path / "out"
+    python_run(out, "--model_name_or_path", str(model), "--data_path", data_path, "--image_folder", images,
+               "--quant", "nf4", "--ds_config", "configs/zero2.json", "--gradient_checkpointing",
                "--max_steps", "2", "--dataloader_num_workers", "0")
-    assert json.loads((tmp_path / "run_config.json").read_text())["quant"] == "nf4"
-    assert len(metrics(tmp_path)) == 2 and (tmp_path / "prompts.safetensors").is_file()
+    run = json.loads((out / "run_config.json").read_text())
+    assert run["quant"] == "nf4" and run["config"]["learning_rate"] == 7e-4
+    assert len(metrics(out)) == 2 and (out / "prompts.safetensors").is_file()
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
@@ -176,3 +202,6 @@ def test_bad_options_stop_before_training_with_the_fix(tmp_path):
     assert "--max_steps must be a positive number" in result.stderr
     result = python_run(tmp_path, "--ds_config", "configs/zero3.json", "--quant", "nf4", expect=2)
     assert "ZeRO-3 with --quant nf4" in result.stderr
+    if not torch.cuda.is_available():
+        result = python_run(tmp_path, "--quant", "bf16", expect=2)
+        assert "on the CPU use --quant fp32 or --quant nf4" in result.stderr
