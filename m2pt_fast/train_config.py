@@ -125,6 +125,22 @@ def _optional(kind):
     return convert
 
 
+_HELP = {
+    "model_name_or_path": "a local LLaVA directory (weights, tokenizer, preprocessor_config.json); "
+                          "default: the embedded tiny LLaVA",
+    "data_path": "LLaVA conversation JSON; default: the embedded synthetic set",
+    "image_folder": "where the JSON's image paths point (default: the JSON's directory)",
+    "quant": "the frozen backbone's format (default: bf16 on a GPU, fp32 on the CPU)",
+    "bf16": "bf16 compute (default: on with a GPU)",
+    "learning_rate": f"(default {PAPER_LEARNING_RATE}, the paper's; {EMBEDDED_LEARNING_RATE} for the embedded model)",
+    "max_steps": "optimizer steps; -1 (default) runs --num_train_epochs",
+    "save_steps": "checkpoint every this many steps (default 0: none)",
+    "resume": "continue from the newest complete checkpoint in --output_dir",
+    "ds_config": "a DeepSpeed JSON (configs/); default: ZeRO-0",
+    "local_rank": "set by the deepspeed launcher",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """One --option per TrainConfig field; defaults are suppressed so the given ones can be told apart."""
     parser = argparse.ArgumentParser(
@@ -137,12 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
         flag = f"--{f.name}"
         if f.type in ("bool", "bool | None"):
             # `--flag` alone means true; `--flag false` turns a default-on option off
-            parser.add_argument(flag, nargs="?", const=True, type=_parse_bool, help=f"(default {default})")
+            parser.add_argument(flag, nargs="?", const=True, type=_parse_bool,
+                                help=_HELP.get(f.name, f"true or false (default {default})"))
         elif f.type in ("int", "float", "float | None"):
-            parser.add_argument(flag, type=int if f.type == "int" else float, help=f"(default {default})")
+            parser.add_argument(flag, type=int if f.type == "int" else float,
+                                help=_HELP.get(f.name, f"(default {default})"))
         else:
-            choices = {"lr_scheduler_type": SCHEDULERS, "backend": BACKENDS}.get(f.name)
-            parser.add_argument(flag, type=_optional(str), choices=choices, help=f"(default {default})")
+            choices = {"lr_scheduler_type": SCHEDULERS, "backend": BACKENDS, "quant": QUANTS}.get(f.name)
+            parser.add_argument(flag, type=str if choices else _optional(str), choices=choices,
+                                help=_HELP.get(f.name, f"(default {default})"))
     return parser
 
 

@@ -2,6 +2,7 @@
 and the trainer's option and DeepSpeed-config checks (all in-process, no training)."""
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +30,7 @@ from m2pt_fast.data.conversation import ASSISTANT, SYSTEM_PROMPT, USER
 from m2pt_fast.ds_config import DEFAULT_DS_CONFIG, resolve_ds_config
 from m2pt_fast.train_config import TrainConfig, parse_args
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 IMAGE_TOKENS = 5  # odd on purpose: nothing may assume a square number here
 IMAGE_SIZE = 28
 
@@ -268,7 +270,7 @@ def test_bad_options_are_refused_with_the_fix(options, message):
 
 def test_ds_config_autos_are_filled_from_the_options():
     config = TrainConfig(per_device_train_batch_size=4, gradient_accumulation_steps=3, max_grad_norm=0.5)
-    ds = resolve_ds_config(json.load(open("configs/zero3.json")), config, world_size=2, bf16=False)
+    ds = resolve_ds_config(json.loads((CONFIGS / "zero3.json").read_text()), config, world_size=2, bf16=False)
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (4, 3, 24)
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is False
     assert "auto" not in json.dumps(ds)
@@ -282,7 +284,7 @@ def test_ds_config_autos_are_filled_from_the_options():
     (lambda ds: ds.update(fp16={"enabled": True}), "fp16"),
 ])
 def test_ds_config_conflicts_are_refused(change, message):
-    ds = json.load(open("configs/zero2.json"))
+    ds = json.loads((CONFIGS / "zero2.json").read_text())
     change(ds)
     with pytest.raises(ValueError, match=message):
         resolve_ds_config(ds, TrainConfig(), 1, False)
@@ -290,29 +292,25 @@ def test_ds_config_conflicts_are_refused(change, message):
 
 def test_zero3_with_nf4_is_refused():
     with pytest.raises(ValueError, match="ZeRO-3 with --quant nf4"):
-        resolve_ds_config(json.load(open("configs/zero3.json")), TrainConfig(quant="nf4"), 1, True)
+        resolve_ds_config(json.loads((CONFIGS / "zero3.json").read_text()), TrainConfig(quant="nf4"), 1, True)
 
 
 def test_shipped_ds_configs_resolve():
-    from pathlib import Path
-
-    names = sorted(p.name for p in Path("configs").glob("*.json"))
+    names = sorted(p.name for p in CONFIGS.glob("*.json"))
     for stage in ("zero0", "zero1", "zero2", "zero3", "offload"):
         assert any(stage in n for n in names), stage
-    for path in [*Path("configs").glob("*.json"), Path("ds.json")]:
+    for path in [*CONFIGS.glob("*.json"), CONFIGS.parent / "ds.json"]:
         resolve_ds_config(json.loads(path.read_text()), TrainConfig(), 2, False, where=str(path))
 
 
 def test_shipped_recipes_use_known_options():
-    from pathlib import Path
-
     import yaml
 
     from m2pt_fast.train_config import _check_yaml_values
 
-    recipes = sorted(Path("configs").glob("*.yaml"))
+    recipes = sorted(CONFIGS.glob("*.yaml"))
     assert recipes
     for path in recipes:
         assert "m2pt_fast/train.py" in path.read_text().split("\n\n")[0], f"{path}: the header shows the launch command"
         _check_yaml_values(str(path), yaml.safe_load(path.read_text()))
-    assert parse_args(["--config", "configs/tiny.yaml"]).num_synthetic_samples == 1024
+    assert parse_args(["--config", str(CONFIGS / "tiny.yaml")]).num_synthetic_samples == 1024

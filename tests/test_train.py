@@ -32,6 +32,8 @@ def _free_port() -> int:
 
 
 def _env() -> dict:
+    # One thread per rank: the 2-process runs share the machine's cores. TRITON_INTERPRET (set by
+    # conftest for the kernel tests) is dropped so the trainer runs as a user's would.
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     env.pop("TRITON_INTERPRET", None)
     return env
