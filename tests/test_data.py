@@ -320,3 +320,23 @@ def test_shipped_recipes_use_known_options():
         assert "m2pt_fast/train.py" in path.read_text().split("\n\n")[0], f"{path}: the header shows the launch command"
         _check_yaml_values(str(path), yaml.safe_load(path.read_text()))
     assert parse_args(["--config", str(CONFIGS / "tiny.yaml")]).num_synthetic_samples == 1024
+
+
+def test_answers_are_tokenized_as_in_running_text():
+    # Like the legacy LLaMA tokenizer: "▁" prepended to the text and spaces made "▁", so " yes" on its
+    # own gives a stray "▁" before "▁yes".
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = words_of([SYSTEM_PROMPT, f"{USER}: {ASSISTANT}:", "Is it red? yes"])
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", "▁", IMAGE, *(f"▁{w}" for w in words)])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never", split=True)
+    sp = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    assert sp(" yes", add_special_tokens=False).input_ids == [vocab["▁"], vocab["▁yes"]]
+
+    encoder = ConversationEncoder(sp, vocab[IMAGE], IMAGE_TOKENS, 512)
+    encoded = encoder.encode(_turns(("<image>\nIs it red?", "yes")))
+    answer = encoded.input_ids[encoded.labels != IGNORE_INDEX].tolist()
+    assert answer == [vocab["▁yes"], sp.eos_token_id]
