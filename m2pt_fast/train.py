@@ -44,6 +44,7 @@ import os
 import socket
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -175,6 +176,8 @@ class M2PTRecipe:
         from deepspeed.utils import logger as deepspeed_logger
 
         deepspeed_logger.setLevel(logging.WARNING)  # its per-step INFO lines would bury the progress bar
+        # DeepSpeed's ZeRO code calls a torch.distributed function torch has deprecated; not ours to fix
+        warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
 
         # Without a launcher, act as rank 0 of 1 so the same DeepSpeed path runs everywhere.
         for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
