@@ -63,7 +63,8 @@ def resolve_ds_config(ds: dict[str, Any], config: TrainConfig, world_size: int, 
                 f"{section} would silently replace it (M²PT's released code lost its cosine schedule this way)"
             )
     if ds.get("fp16", {}).get("enabled") is True:
-        raise ValueError(f"{where} enables fp16: M²PT trains in bf16 (GPU) or fp32; set \"bf16\": {{\"enabled\": \"auto\"}}")
+        raise ValueError(f"{where} enables fp16: M²PT trains in bf16 (GPU) or fp32; "
+                         "set \"bf16\": {\"enabled\": \"auto\"} instead")
     ds.setdefault("fp16", {})["enabled"] = False
 
     micro, accumulation = config.per_device_train_batch_size, config.gradient_accumulation_steps
@@ -81,7 +82,8 @@ def resolve_ds_config(ds: dict[str, Any], config: TrainConfig, world_size: int, 
     if stage == 3 and config.quant == "nf4":
         raise ValueError(
             f"{where} uses ZeRO-3 with --quant nf4: 4-bit weights cannot be partitioned (broken upstream in "
-            "bitsandbytes + DeepSpeed). Use a ZeRO 0-2 config (configs/zero2.json) with nf4, or --quant bf16 with ZeRO-3"
+            "bitsandbytes + DeepSpeed). Use a ZeRO 0-2 config (configs/zero2.json) with nf4, "
+            "or --quant bf16 with ZeRO-3"
         )
     # Bucket sizes and thresholds left "auto" take DeepSpeed's own defaults.
     for key in [k for k, v in zero.items() if v == "auto"]:

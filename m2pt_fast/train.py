@@ -44,6 +44,7 @@ import os
 import socket
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -175,6 +176,8 @@ class M2PTRecipe:
         from deepspeed.utils import logger as deepspeed_logger
 
         deepspeed_logger.setLevel(logging.WARNING)  # its per-step INFO lines would bury the progress bar
+        # DeepSpeed's ZeRO code calls a torch.distributed function torch has deprecated; not ours to fix
+        warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
 
         # Without a launcher, act as rank 0 of 1 so the same DeepSpeed path runs everywhere.
         for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
@@ -421,7 +424,8 @@ class M2PTRecipe:
                     self.global_step += 1
                     started = self._log_step(totals, lr, boundary_norm, started, epoch, progress)
                     totals.zero_()
-                    if cfg.save_steps and self.global_step % cfg.save_steps == 0 and self.global_step < self.total_steps:
+                    last = self.global_step >= self.total_steps  # the final step writes the prompt file instead
+                    if cfg.save_steps and self.global_step % cfg.save_steps == 0 and not last:
                         self._save_checkpoint()
                     if self.global_step >= self.total_steps:
                         break
@@ -445,7 +449,9 @@ class M2PTRecipe:
         if self.zero_stage != 0 or self.bf16:
             return None
         grads = [p.grad for p in self.model.parameters() if p.requires_grad and p.grad is not None]
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item() if grads else 0.0
+        if not grads:
+            return 0.0
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
 
     def _log_step(self, totals: torch.Tensor, lr: float, grad_norm: float | None, started: float, epoch: int,
                   progress) -> float:

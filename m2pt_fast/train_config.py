@@ -69,10 +69,12 @@ class TrainConfig:
         for name in ("num_vision_prompts", "num_text_prompts", "dataloader_num_workers", "save_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be 0 or more, got {getattr(self, name)}")
-        if self.num_vision_prompts == 0 and self.num_text_prompts == 0 and not (self.tune_projector or self.tune_lm_head):
+        no_prompts = self.num_vision_prompts == 0 and self.num_text_prompts == 0
+        if no_prompts and not (self.tune_projector or self.tune_lm_head):
             raise ValueError("nothing to train: give --num_vision_prompts/--num_text_prompts > 0 or --tune_projector")
         if self.max_steps == 0 or self.max_steps < -1:
-            raise ValueError(f"--max_steps must be a positive number of optimizer steps, or -1 to use --num_train_epochs; got {self.max_steps}")
+            raise ValueError(f"--max_steps must be a positive number of optimizer steps, or -1 to use "
+                             f"--num_train_epochs; got {self.max_steps}")
         if self.max_steps == -1 and not self.num_train_epochs > 0:
             raise ValueError(f"--num_train_epochs must be > 0 (or give --max_steps), got {self.num_train_epochs}")
         if self.learning_rate is None:
@@ -98,12 +100,14 @@ class TrainConfig:
         if self.model_name_or_path and not Path(self.model_name_or_path).is_dir():
             raise ValueError(
                 f"--model_name_or_path {self.model_name_or_path} is not a local directory (nothing is downloaded): "
-                "save the model and its tokenizer and image processor there first, or leave it out for the embedded tiny LLaVA"
+                "save the model and its tokenizer and image processor there first, or leave it out for the "
+                "embedded tiny LLaVA"
             )
         if self.quant == "nf4" and self.tune_lm_head:
             raise ValueError("--tune_lm_head with --quant nf4: a 4-bit lm_head cannot be trained; use --quant bf16")
         if self.ds_config and not Path(self.ds_config).is_file():
-            raise ValueError(f"--ds_config {self.ds_config} does not exist (configs/ has zero0..zero3 and offload variants)")
+            raise ValueError(f"--ds_config {self.ds_config} does not exist "
+                             "(configs/ has zero0..zero3 and offload variants)")
 
     @property
     def embedded_model(self) -> bool:
@@ -173,7 +177,8 @@ def _check_yaml_values(path: str, values: Any) -> dict[str, Any]:
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"{path}: unknown option(s) {unknown}; valid keys are the --options of train.py: {sorted(known)}")
+        raise ValueError(f"{path}: unknown option(s) {unknown}; valid keys are the --options of train.py: "
+                         f"{sorted(known)}")
     return values
 
 

@@ -57,7 +57,8 @@ def _turns(*pairs):
 
 # ------------------------------------------------------------------------------------ tokenizer
 def test_tokenizer_layout(tokenizer):
-    assert (tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (0, 1, 2, 3)
+    specials = (tokenizer.unk_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    assert specials == (0, 1, 2, 3)
     assert tokenizer.convert_tokens_to_ids(IMAGE) == len(tokenizer) - 1
 
 
@@ -132,7 +133,8 @@ def test_synthetic_samples_are_deterministic_and_collate_right_padded(tokenizer)
     samples = [dataset[i] for i in range(5)]
     batch = make_collate(tokenizer.pad_token_id)(samples)
     lengths = [s["input_ids"].numel() for s in samples]
-    assert batch["input_ids"].shape == (5, max(lengths)) and batch["pixel_values"].shape == (5, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert batch["input_ids"].shape == (5, max(lengths))
+    assert batch["pixel_values"].shape == (5, 3, IMAGE_SIZE, IMAGE_SIZE)
     for i, n in enumerate(lengths):
         assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (max(lengths) - n)
         assert (batch["input_ids"][i, n:] == tokenizer.pad_token_id).all()
@@ -162,7 +164,8 @@ def bad_data_set(tmp_path):
         {"id": "malformed", "image": "000001.png", "conversations": [{"from": "human"}]},
         "not even an object",
         {"id": "no-image", "conversations": good},
-        {"id": "over-long", "image": "000001.png", "conversations": _turns(("<image>\n" + "Is there a red square?" * 100, "yes"))},
+        {"id": "over-long", "image": "000001.png",
+         "conversations": _turns(("<image>\n" + "Is there a red square?" * 100, "yes"))},
         {"id": "truncated", "image": "truncated.png", "conversations": good},
     ]
     (tmp_path / "data.json").write_text(json.dumps(records))
@@ -214,7 +217,8 @@ def test_image_preprocessor_from_model_dir(tmp_path):
 # -------------------------------------------------------------------------------------- sampler
 @pytest.mark.parametrize("size, world, batch, accumulation", [(103, 2, 4, 3), (64, 1, 8, 1), (17, 2, 1, 2)])
 def test_sampler_shards_disjointly_and_resumes_mid_epoch(size, world, batch, accumulation):
-    samplers = [EpochShardSampler(size, world, r, seed=5, batch_size=batch, accumulation=accumulation) for r in range(world)]
+    samplers = [EpochShardSampler(size, world, r, seed=5, batch_size=batch, accumulation=accumulation)
+                for r in range(world)]
     per_rank = samplers[0].batches_per_epoch
     assert per_rank % accumulation == 0 and per_rank * batch * world <= size
     for epoch in (0, 1):
@@ -244,7 +248,8 @@ def test_options_come_from_defaults_then_yaml_then_command_line(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("learning_rate: 0.001\nmax_steps: 7\ntune_projector: false\n")
     config = parse_args(["--config", str(recipe), "--max_steps", "9", "--gradient_checkpointing", "--local_rank=1"])
-    assert (config.learning_rate, config.max_steps, config.tune_projector, config.gradient_checkpointing) == (1e-3, 9, False, True)
+    got = (config.learning_rate, config.max_steps, config.tune_projector, config.gradient_checkpointing)
+    assert got == (1e-3, 9, False, True)
     assert parse_args([]).learning_rate == 5e-3, "the embedded tiny model's own default"
     assert parse_args(["--model_name_or_path", str(tmp_path)]).learning_rate == 7e-4, "the paper's"
     recipe.write_text("learning_rat: 0.001\n")
@@ -271,7 +276,8 @@ def test_bad_options_are_refused_with_the_fix(options, message):
 def test_ds_config_autos_are_filled_from_the_options():
     config = TrainConfig(per_device_train_batch_size=4, gradient_accumulation_steps=3, max_grad_norm=0.5)
     ds = resolve_ds_config(json.loads((CONFIGS / "zero3.json").read_text()), config, world_size=2, bf16=False)
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (4, 3, 24)
+    batch = (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"])
+    assert batch == (4, 3, 24)
     assert ds["gradient_clipping"] == 0.5 and ds["bf16"]["enabled"] is False
     assert "auto" not in json.dumps(ds)
     assert resolve_ds_config(DEFAULT_DS_CONFIG, config, 1, True)["bf16"]["enabled"] is True
@@ -314,3 +320,23 @@ def test_shipped_recipes_use_known_options():
         assert "m2pt_fast/train.py" in path.read_text().split("\n\n")[0], f"{path}: the header shows the launch command"
         _check_yaml_values(str(path), yaml.safe_load(path.read_text()))
     assert parse_args(["--config", str(CONFIGS / "tiny.yaml")]).num_synthetic_samples == 1024
+
+
+def test_answers_are_tokenized_as_in_running_text():
+    # Like the legacy LLaMA tokenizer: "▁" prepended to the text and spaces made "▁", so " yes" on its
+    # own gives a stray "▁" before "▁yes".
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = words_of([SYSTEM_PROMPT, f"{USER}: {ASSISTANT}:", "Is it red? yes"])
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", "▁", IMAGE, *(f"▁{w}" for w in words)])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never", split=True)
+    sp = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    assert sp(" yes", add_special_tokens=False).input_ids == [vocab["▁"], vocab["▁yes"]]
+
+    encoder = ConversationEncoder(sp, vocab[IMAGE], IMAGE_TOKENS, 512)
+    encoded = encoder.encode(_turns(("<image>\nIs it red?", "yes")))
+    answer = encoded.input_ids[encoded.labels != IGNORE_INDEX].tolist()
+    assert answer == [vocab["▁yes"], sp.eos_token_id]

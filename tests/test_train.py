@@ -148,7 +148,8 @@ def test_python_without_launcher_skips_bad_records(tmp_path):
     out = tmp_path / "out"
     # 12 usable records, 4 per step: one epoch of 3 steps reads the truncated image exactly once
     result = python_run(out, "--data_path", str(data_path), "--image_folder", str(images),
-                        "--per_device_train_batch_size", "4", "--num_train_epochs", "1", "--dataloader_num_workers", "1")
+                        "--per_device_train_batch_size", "4", "--num_train_epochs", "1",
+                        "--dataloader_num_workers", "1")
     assert "skipped 4 of 16 records" in result.stderr
     assert "'missing image': 1" in result.stderr and "'corrupt image': 1" in result.stderr
     rows = metrics(out)
@@ -171,7 +172,8 @@ def _local_model_directory(directory: Path) -> Path:
     llava.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     size = llava.config.vision_config.image_size
-    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(directory)
+    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    processor.save_pretrained(directory)
     return directory
 
 

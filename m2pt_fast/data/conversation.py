@@ -2,9 +2,12 @@
 
     "{system} USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>"
 
-Each piece is tokenized on its own and the ids concatenated, so the label mask is exact by
-construction (LLaVA recovers it by re-tokenizing rounds and subtracting lengths, which is off by
-one or two tokens for some tokenizers). Only the answers and their </s> are supervised.
+The text around the image is tokenized in pieces (as LLaVA's tokenizer_image_token does) and the
+ids concatenated, so the label mask is exact by construction (LLaVA recovers it by re-tokenizing
+rounds and subtracting lengths, which is off by one or two tokens for some tokenizers). An answer
+is tokenized in context: the ids of "question ASSISTANT: answer" past those of "question
+ASSISTANT:", so a SentencePiece tokenizer gives "▁yes" as in running text, not a stray "▁" first.
+Only the answers and their </s> are supervised.
 """
 from __future__ import annotations
 
@@ -53,6 +56,14 @@ class ConversationEncoder:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
+    def _round(self, prompt_text: str, answer: str) -> tuple[list[int], list[int]]:
+        """(prompt ids, answer ids) for one round, the answer tokenized in context where possible."""
+        prompt = self._ids(prompt_text)
+        whole = self._ids(f"{prompt_text} {answer}")
+        if whole[: len(prompt)] == prompt and len(whole) > len(prompt):
+            return prompt, whole[len(prompt):]
+        return prompt, self._ids(" " + answer)  # a token merged across the boundary: tokenize apart
+
     def encode(self, conversations) -> EncodedConversation:
         turns = _validated_turns(conversations)
         ids: list[int] = []
@@ -61,15 +72,14 @@ class ConversationEncoder:
             ids.append(self.tokenizer.bos_token_id)
             labels.append(IGNORE_INDEX)
         for i, (question, answer) in enumerate(turns):
-            prefix = SYSTEM_PROMPT + " " if i == 0 else ""
             if i == 0:
                 question = question.replace(IMAGE_PLACEHOLDER, "").strip()
-                before = self._ids(prefix + f"{USER}:")
-                prompt = before + [self.image_token_id] * self.image_seq_length
-                prompt += self._ids("\n" + question + f" {ASSISTANT}:")
+                prompt = self._ids(f"{SYSTEM_PROMPT} {USER}:") + [self.image_token_id] * self.image_seq_length
+                after_image, reply = self._round(f"\n{question} {ASSISTANT}:", answer)
+                prompt += after_image
             else:
-                prompt = self._ids(f"{USER}: {question} {ASSISTANT}:")
-            reply = self._ids(" " + answer) + [self.tokenizer.eos_token_id]
+                prompt, reply = self._round(f"{USER}: {question} {ASSISTANT}:", answer)
+            reply = reply + [self.tokenizer.eos_token_id]
             ids += prompt + reply
             labels += [IGNORE_INDEX] * len(prompt) + reply
 
