@@ -1,0 +1,60 @@
+"""Image preprocessing: the model directory's own image processor, or CLIP's for the embedded model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+# CLIP's normalisation (openai/clip-vit-*): what LLaVA's vision tower was trained with.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ImagePreprocessor:
+    """PIL image -> (3, S, S) float32 pixel values, via a transformers image processor.
+
+    `from_model_dir` reads the processor config shipped with the model (preprocessor_config.json),
+    so resize, crop and mean/std are the ones the vision tower was trained with.
+    """
+
+    def __init__(self, processor, image_size: int):
+        self.processor = processor
+        self.image_size = image_size
+
+    @classmethod
+    def clip_default(cls, image_size: int) -> "ImagePreprocessor":
+        try:  # transformers >= 5.x names the PIL-only processor; the plain name wants torchvision
+            from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+        except ImportError:
+            from transformers import CLIPImageProcessor
+
+        processor = CLIPImageProcessor(
+            size={"shortest_edge": image_size},
+            crop_size={"height": image_size, "width": image_size},
+            image_mean=list(CLIP_MEAN),
+            image_std=list(CLIP_STD),
+        )
+        return cls(processor, image_size)
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path, image_size: int) -> "ImagePreprocessor":
+        from transformers import AutoImageProcessor
+
+        config = Path(model_dir) / "preprocessor_config.json"
+        if not config.is_file():
+            raise FileNotFoundError(
+                f"{config} not found: the model directory must carry its image processor config "
+                "(save it with processor.save_pretrained(dir) next to the model)"
+            )
+        processor = AutoImageProcessor.from_pretrained(str(model_dir), local_files_only=True)
+        return cls(processor, image_size)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        pixels = self.processor(images=image.convert("RGB"), return_tensors="pt").pixel_values[0]
+        if pixels.shape != (3, self.image_size, self.image_size):
+            raise ValueError(
+                f"the image processor gives {tuple(pixels.shape)} but the vision tower expects "
+                f"(3, {self.image_size}, {self.image_size}): fix crop_size in preprocessor_config.json"
+            )
+        return pixels.float()

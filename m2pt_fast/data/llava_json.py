@@ -1,0 +1,190 @@
+"""LLaVA-format instruction data: records, validation, datasets and the padding collate.
+
+A record is {"id", "image", "conversations": [{"from": "human"|"gpt", "value"}]}. Bad records are
+skipped and counted, never a crash mid-epoch:
+- at start (`load_llava_records`): malformed entries, no answer, over-long, a missing or unreadable
+  image file (header check: cheap, no decoding);
+- while training (`LlavaJsonDataset`): an image that fails to decode is replaced by the next record
+  and reported in the batch (`skipped`), so every micro-batch keeps its size and every rank its step.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from .conversation import BadRecord, ConversationEncoder, IGNORE_INDEX
+from .image import ImagePreprocessor
+from .synthetic import synthetic_record
+
+log = logging.getLogger(__name__)
+
+# A training-time decode failure moves on to the next record; this many failures in a row means the
+# images are broken wholesale and the run should stop with the reason rather than spin.
+MAX_CONSECUTIVE_BAD_IMAGES = 32
+
+
+@dataclass
+class SkipReport:
+    """Bad records seen while loading a data set: counts by kind, and the first few in full."""
+
+    counts: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, where: str, error: Exception) -> None:
+        kind = str(error).split(":", 1)[0]
+        self.counts[kind] += 1
+        if len(self.examples) < 10:
+            self.examples.append(f"{where}: {error}")
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+class SampleBuilder:
+    """(image, conversations) -> {"input_ids", "labels", "pixel_values"} tensors for one sample."""
+
+    def __init__(self, encoder: ConversationEncoder, preprocess: ImagePreprocessor):
+        self.encoder = encoder
+        self.preprocess = preprocess
+
+    def __call__(self, image: Image.Image, conversations) -> dict[str, torch.Tensor]:
+        encoded = self.encoder.encode(conversations)
+        return {"input_ids": encoded.input_ids, "labels": encoded.labels, "pixel_values": self.preprocess(image)}
+
+
+def load_llava_records(
+    data_path: str | Path, image_folder: str | Path | None, encoder: ConversationEncoder
+) -> tuple[list[dict[str, Any]], SkipReport]:
+    """The usable records of a LLaVA JSON file, and a report of the ones skipped.
+
+    Raises ValueError when the file is unreadable or nothing in it is usable.
+    """
+    data_path = Path(data_path)
+    if not data_path.is_file():
+        raise FileNotFoundError(f"--data_path {data_path} does not exist")
+    try:
+        entries = json.loads(data_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--data_path {data_path} is not valid JSON ({e}); expected a list of LLaVA records") from e
+    if not isinstance(entries, list):
+        raise ValueError(f"--data_path {data_path} holds a {type(entries).__name__}; expected a list of LLaVA records")
+    folder = Path(image_folder) if image_folder else data_path.parent
+
+    records, report = [], SkipReport()
+    for position, entry in enumerate(entries):
+        where = f"{data_path.name}[{position}]"
+        try:
+            if not isinstance(entry, dict):
+                raise BadRecord(f"malformed: entry is a {type(entry).__name__}, not an object")
+            where += f" (id {entry.get('id', '?')})"
+            if not isinstance(entry.get("image"), str):
+                raise BadRecord("malformed: no 'image' file name (text-only records are not supported)")
+            _check_image_header(folder / entry["image"])
+            encoder.encode(entry.get("conversations"))
+        except BadRecord as e:
+            report.add(where, e)
+            continue
+        records.append({"id": str(entry.get("id", position)), "image": str(folder / entry["image"]),
+                        "conversations": entry["conversations"]})
+    if report.total:
+        log.warning(
+            "skipped %d of %d records in %s (%s); first ones:\n  %s",
+            report.total, len(entries), data_path, dict(report.counts), "\n  ".join(report.examples),
+        )
+    if not records:
+        raise ValueError(
+            f"no usable record in {data_path} ({len(entries)} entries, {dict(report.counts)}): "
+            "check --data_path and --image_folder"
+        )
+    return records, report
+
+
+def _check_image_header(path: Path) -> None:
+    if not path.is_file():
+        raise BadRecord(f"missing image: {path} does not exist (is --image_folder right?)")
+    try:
+        with Image.open(path) as image:
+            image.size  # noqa: B018 -- reading the header is the check
+    except Exception as e:  # PIL raises several types for unreadable files
+        raise BadRecord(f"corrupt image: {path} cannot be opened ({type(e).__name__})") from None
+
+
+class LlavaJsonDataset(Dataset):
+    """Records from `load_llava_records`; images are opened lazily, in the loader's workers."""
+
+    def __init__(self, records: list[dict[str, Any]], build: SampleBuilder):
+        self.records = records
+        self.build = build
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        skipped = []
+        for attempt in range(MAX_CONSECUTIVE_BAD_IMAGES):
+            record = self.records[(index + attempt) % len(self.records)]
+            try:
+                with Image.open(record["image"]) as image:
+                    image.load()
+                    sample = self.build(image, record["conversations"])
+            except Exception as e:  # a decode failure of any kind: skip the record, keep the step
+                skipped.append(f"corrupt image: record {record['id']} ({record['image']}): {type(e).__name__}: {e}")
+                continue
+            sample["skipped"] = skipped
+            return sample
+        raise RuntimeError(
+            f"{MAX_CONSECUTIVE_BAD_IMAGES} records in a row from index {index} have images that fail to decode; "
+            f"last: {skipped[-1]}. Check the image files."
+        )
+
+
+class SyntheticInstructDataset(Dataset):
+    """`num_samples` synthetic records (data/synthetic.py), rendered when asked for."""
+
+    def __init__(self, num_samples: int, seed: int, build: SampleBuilder):
+        self.num_samples = num_samples
+        self.seed = seed
+        self.build = build
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = synthetic_record(self.seed, index)
+        sample = self.build(record["image"], record["conversations"])
+        sample["skipped"] = []
+        return sample
+
+
+def make_collate(pad_token_id: int) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+    """A collate that right-pads samples into a batch; `skipped` lists bad records met on the way."""
+
+    def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+        length = max(s["input_ids"].numel() for s in samples)
+        batch = len(samples)
+        input_ids = torch.full((batch, length), pad_token_id, dtype=torch.long)  # (B, L)
+        labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)  # (B, L)
+        attention_mask = torch.zeros((batch, length), dtype=torch.long)  # (B, L)
+        for i, s in enumerate(samples):
+            n = s["input_ids"].numel()
+            input_ids[i, :n] = s["input_ids"]
+            labels[i, :n] = s["labels"]
+            attention_mask[i, :n] = 1
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "attention_mask": attention_mask,
+            "pixel_values": torch.stack([s["pixel_values"] for s in samples]),  # (B, 3, S, S)
+            "skipped": [reason for s in samples for reason in s["skipped"]],
+        }
+
+    return collate

@@ -1,0 +1,553 @@
+"""M²PT training recipe: prompts in every vision and decoder layer + the projector, backbone frozen.
+
+    deepspeed m2pt_fast/train.py --ds_config ds.json [options]        # one GPU or many
+    torchrun --nproc_per_node 2 m2pt_fast/train.py --ds_config configs/zero2.json
+    python m2pt_fast/train.py [options]                               # one process, no launcher
+
+With no --model_name_or_path and no --data_path it trains the embedded default: a tiny LLaVA with
+random weights on synthetic rendered-image instructions, with a tokenizer built locally (about a
+minute on a 2-core CPU). `--config recipe.yaml` takes the same options as keys (configs/*.yaml).
+
+Shape of the recipe: setup (distributed, model, data, engine, resume) -> train (one _loss_step per
+micro-batch, DeepSpeed steps at accumulation boundaries) -> cleanup (barrier, destroy the group).
+"""
+from __future__ import annotations
+
+if __name__ == "__main__" and not __package__:
+    # Run by path: import this checkout's package, not an installed copy, without putting the
+    # repository root on sys.path (kernels/ would become a top-level `kernels`, which bitsandbytes
+    # probes for) and without the script's own directory (its modules are not top-level ones).
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    def _register(name: str, directory: Path) -> None:
+        spec = importlib.util.spec_from_file_location(
+            name, directory / "__init__.py", submodule_search_locations=[str(directory)]
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+
+    _package = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _package]
+    if (_package.parent / "setup.py").is_file() and (_package.parent / "kernels" / "__init__.py").is_file():
+        _register("m2pt_kernels", _package.parent / "kernels")  # source checkout: its own kernel library
+    _register("m2pt_fast", _package)
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import socket
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from m2pt_fast import (
+    apply_m2pt,
+    build_llava,
+    llava_config,
+    load_llava,
+    load_quantized,
+    quantize_model,
+    save_prompts,
+    trainable_report,
+)
+from m2pt_fast import model as m2pt_model
+from m2pt_fast.checkpointing import (
+    STATE_TAG,
+    load_rng,
+    newest_checkpoint,
+    publish,
+    remove_partial_checkpoints,
+    save_rng,
+    temporary_dir,
+    truncate_metrics,
+)
+from m2pt_fast.data import (
+    IMAGE,
+    ConversationEncoder,
+    EpochShardSampler,
+    ImagePreprocessor,
+    LlavaJsonDataset,
+    SampleBuilder,
+    SyntheticInstructDataset,
+    build_word_tokenizer,
+    load_llava_records,
+    make_collate,
+    synthetic_texts,
+    words_of,
+)
+from m2pt_fast.data.conversation import ASSISTANT, SYSTEM_PROMPT, USER
+from m2pt_fast.ds_config import load_ds_config, offloads_optimizer, resolve_ds_config, zero_stage
+from m2pt_fast.train_config import TrainConfig, parse_args, to_dict
+
+log = logging.getLogger("m2pt_fast.train")
+
+EMBEDDED_SHAPE = "tiny"
+# Weight init of the embedded model's text side. With LLaMA's 0.02, a random frozen lm_head caps every
+# logit near +-1.3, so no prompt can lower the loss much; 0.1 stands in for a trained model's larger
+# weights and lets the demo's loss fall visibly (about 4.8 -> 2.5 in its first 100 steps).
+EMBEDDED_TEXT_INIT = 0.1
+
+
+def lr_multiplier(step: int, warmup_steps: int, total_steps: int, kind: str) -> float:
+    """The factor on --learning_rate for optimizer step `step` (0-based), as transformers defines them."""
+    if kind != "constant" and step < warmup_steps:
+        return step / max(1, warmup_steps)
+    if kind in ("constant", "constant_with_warmup"):
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if kind == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
+
+
+def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_allocated"
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_rss"  # ru_maxrss is KiB on Linux
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _texts_of_llava_json(path: str) -> list[str]:
+    """Every conversation string of a LLaVA JSON file (malformed entries are left to the data loader)."""
+    try:
+        entries = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return []
+    texts = []
+    for entry in entries if isinstance(entries, list) else []:
+        turns = entry.get("conversations") if isinstance(entry, dict) else None
+        for turn in turns if isinstance(turns, list) else []:
+            if isinstance(turn, dict) and isinstance(turn.get("value"), str):
+                texts.append(turn["value"])
+    return texts
+
+
+def _output_as_dict(module, args, output):
+    if isinstance(output, dict):
+        return output
+    return {f.name: getattr(output, f.name) for f in dataclasses.fields(output)}
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class M2PTRecipe:
+    """One training run: `setup()`, `train()`, `cleanup()`."""
+
+    def __init__(self, config: TrainConfig):
+        self.cfg = config
+        self.output_dir = Path(config.output_dir)
+        self.global_step = 0
+
+    # ------------------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        self._setup_distributed()
+        self._setup_precision()
+        self._setup_model()
+        self._setup_data()
+        self._setup_engine()
+        self._setup_outputs()
+
+    def _setup_distributed(self) -> None:
+        try:
+            import deepspeed
+        except ImportError as e:
+            raise ValueError("the trainer runs on DeepSpeed, which is not installed: "
+                             "DS_BUILD_OPS=0 pip install deepspeed (bash setup.sh does it)") from e
+        from deepspeed.utils import logger as deepspeed_logger
+
+        deepspeed_logger.setLevel(logging.WARNING)  # its per-step INFO lines would bury the progress bar
+        # DeepSpeed's ZeRO code calls a torch.distributed function torch has deprecated; not ours to fix
+        warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+
+        # Without a launcher, act as rank 0 of 1 so the same DeepSpeed path runs everywhere.
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+            os.environ.setdefault(key, value)
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the loader's workers fork after tokenizing
+        on_gpu = torch.cuda.is_available()
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if on_gpu:
+            torch.cuda.set_device(local_rank)
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", dist_init_required=True)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
+        if not on_gpu and "OMP_NUM_THREADS" not in os.environ:
+            # Processes on one machine share its cores; oversubscribing them slows every rank.
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        logging.basicConfig(
+            level=logging.INFO if self.rank == 0 else logging.ERROR,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True,
+        )
+
+    def _setup_precision(self) -> None:
+        """Compute dtype, backbone format and the DeepSpeed config: every refusal before any work."""
+        cfg = self.cfg
+        self.bf16 = cfg.bf16 if cfg.bf16 is not None else self.device.type == "cuda"
+        if self.bf16 and self.device.type != "cuda":
+            raise ValueError("--bf16 needs a GPU: on the CPU the trainer computes in fp32 (leave --bf16 out)")
+        self.quant = cfg.quant or ("bf16" if self.bf16 else "fp32")
+        if self.quant == "bf16" and not self.bf16:
+            raise ValueError("--quant bf16 keeps the backbone in bf16, which needs bf16 compute (--bf16, a GPU); "
+                             "on the CPU use --quant fp32 or --quant nf4")
+        where = cfg.ds_config or "the built-in ZeRO-0 DeepSpeed config"
+        resolved = dataclasses.replace(cfg, quant=self.quant)
+        self.ds_config = resolve_ds_config(load_ds_config(cfg.ds_config), resolved, self.world_size, self.bf16, where)
+        self.zero_stage = zero_stage(self.ds_config)
+
+    def _setup_model(self) -> None:
+        cfg = self.cfg
+        # the dtype of everything that stays dense (and of the NF4 weights once dequantized)
+        dtype = torch.bfloat16 if self.bf16 or self.quant == "bf16" else torch.float32
+
+        if cfg.embedded_model:
+            texts = [*synthetic_texts(), SYSTEM_PROMPT, f"{USER}: {ASSISTANT}:"]
+            if cfg.data_path:
+                texts += _texts_of_llava_json(cfg.data_path)
+            self.tokenizer = build_word_tokenizer(words_of(texts))
+            shape = llava_config(EMBEDDED_SHAPE)
+            shape.text_config.initializer_range = EMBEDDED_TEXT_INIT
+            llava = build_llava(
+                shape, device=self.device, dtype=dtype, seed=cfg.seed, vocab_size=len(self.tokenizer),
+                image_token_id=self.tokenizer.convert_tokens_to_ids(IMAGE), pad_token_id=self.tokenizer.pad_token_id,
+            )
+            if self.quant == "nf4":
+                quantize_model(llava)
+        else:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, local_files_only=True)
+            if self.tokenizer.pad_token_id is None:
+                self.tokenizer.pad_token = self.tokenizer.unk_token  # LLaVA's choice for LLaMA tokenizers
+            if self.quant == "nf4":
+                # an NF4 directory (ours or bitsandbytes') loads as is; a float one is quantized as it streams in
+                llava = load_quantized(cfg.model_name_or_path, dtype=dtype).to(self.device)
+            else:
+                llava = load_llava(cfg.model_name_or_path, device=self.device, dtype=dtype)
+        torch.manual_seed(cfg.seed)  # the prompts' initial values, the same on every rank
+        backend = cfg.backend
+        if backend == "auto":
+            backend = "fused" if "fused" in m2pt_model.BACKENDS else "reference"
+        self.model = apply_m2pt(
+            llava, cfg.num_vision_prompts, cfg.num_text_prompts,
+            tune_projector=cfg.tune_projector, tune_lm_head=cfg.tune_lm_head, backend=backend,
+        )
+        if cfg.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.model.train()
+        if cfg.embedded_model:
+            self.preprocess = ImagePreprocessor.clip_default(self.model.image_size)
+        else:
+            self.preprocess = ImagePreprocessor.from_model_dir(cfg.model_name_or_path, self.model.image_size)
+        log.info("backend %s, %s backbone\n%s", backend, self.quant, trainable_report(self.model))
+
+    def _setup_data(self) -> None:
+        cfg = self.cfg
+        encoder = ConversationEncoder(
+            self.tokenizer, self.model.image_token_id, self.model.image_seq_length, cfg.model_max_length
+        )
+        build = SampleBuilder(encoder, self.preprocess)
+        self.skipped_at_start = 0
+        if cfg.data_path:
+            records, report = load_llava_records(cfg.data_path, cfg.image_folder, encoder)
+            self.skipped_at_start = report.total
+            dataset = LlavaJsonDataset(records, build)
+        else:
+            dataset = SyntheticInstructDataset(cfg.num_synthetic_samples, cfg.seed, build)
+        self.sampler = EpochShardSampler(
+            len(dataset), self.world_size, self.rank, cfg.seed, cfg.per_device_train_batch_size,
+            cfg.gradient_accumulation_steps,
+        )
+        self.loader = DataLoader(
+            dataset, batch_size=cfg.per_device_train_batch_size, sampler=self.sampler, drop_last=True,
+            num_workers=cfg.dataloader_num_workers, collate_fn=make_collate(self.tokenizer.pad_token_id),
+            pin_memory=self.device.type == "cuda",
+            # its own generator: creating an iterator must not draw from the global RNG (resume equality)
+            generator=torch.Generator().manual_seed(cfg.seed),
+        )
+        self.steps_per_epoch = self.sampler.batches_per_epoch // cfg.gradient_accumulation_steps
+        if cfg.max_steps > 0:
+            self.total_steps = cfg.max_steps
+        else:
+            self.total_steps = max(1, math.ceil(cfg.num_train_epochs * self.steps_per_epoch))
+        log.info("%d samples, %d optimizer steps per epoch, %d steps in all",
+                 len(dataset), self.steps_per_epoch, self.total_steps)
+
+    def _setup_engine(self) -> None:
+        import deepspeed
+
+        cfg = self.cfg
+        if self.zero_stage == 3:
+            # ZeRO-3 re-gathers a module's partitioned parameters for backward through hooks on the
+            # tensors its forward returns, and it finds tensors only in tuples, lists and dicts. The model
+            # returns a dataclass, so its own parameters (the prompts) would stay released in backward:
+            # hand DeepSpeed (whose hooks run after this one) the same output as a dict.
+            self.model.register_forward_hook(_output_as_dict)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if offloads_optimizer(self.ds_config) and self.device.type == "cuda":
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, adamw_mode=True)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        warmup = math.ceil(cfg.warmup_ratio * self.total_steps)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_multiplier(step, warmup, self.total_steps, cfg.lr_scheduler_type)
+        )
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, lr_scheduler=schedule, config=self.ds_config,
+            dist_init_required=False,
+        )
+        if self.scheduler is not schedule:
+            raise RuntimeError("DeepSpeed replaced the learning-rate schedule; remove 'scheduler' from the config")
+
+    def _setup_outputs(self) -> None:
+        cfg = self.cfg
+        self.metrics_path = self.output_dir / "metrics.jsonl"
+        found = newest_checkpoint(self.output_dir)
+        if cfg.resume:
+            if found is None:
+                raise ValueError(f"--resume: no complete checkpoint under {self.output_dir}/checkpoints; "
+                                 "leave out --resume to start a new run")
+            self._resume(*found)
+        elif found is not None:
+            raise ValueError(f"{self.output_dir} already holds checkpoints of a run: pass --resume to continue it, "
+                             "or give another --output_dir")
+        if self.rank == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            remove_partial_checkpoints(self.output_dir)  # left by a run killed while saving
+            if not cfg.resume:
+                self.metrics_path.write_text("")
+            run = {"config": to_dict(cfg), "deepspeed": self.ds_config, "world_size": self.world_size,
+                   "total_steps": self.total_steps, "quant": self.quant, "backend": self.model.backend}
+            (self.output_dir / "run_config.json").write_text(json.dumps(run, indent=2) + "\n")
+            if cfg.embedded_model:
+                self.tokenizer.save_pretrained(self.output_dir / "tokenizer")
+        dist.barrier()
+
+    def _run_signature(self) -> dict:
+        """What must match for a checkpoint to continue this run bit for bit."""
+        cfg = self.cfg
+        return {"world_size": self.world_size, "per_device_train_batch_size": cfg.per_device_train_batch_size,
+                "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "seed": cfg.seed,
+                "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch}
+
+    def _resume(self, step: int, path: Path) -> None:
+        _, client = self.engine.load_checkpoint(
+            str(path), tag=STATE_TAG, load_module_strict=False, load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
+        saved = client.get("signature", {})
+        mismatched = {k: (saved.get(k), v) for k, v in self._run_signature().items() if saved.get(k) != v}
+        if mismatched:
+            raise ValueError(f"{path} comes from a run with other settings ({{name: (saved, now)}}: {mismatched}); "
+                             "resume with the same options and number of processes")
+        load_rng(path, self.rank, self.world_size)
+        saved_lr = self.scheduler.base_lrs[0]
+        if saved_lr != self.cfg.learning_rate:
+            # e.g. after a non-finite loss: the new rate takes over the schedule from the resumed step on
+            log.warning("--learning_rate %g replaces the checkpoint's %g from step %d on",
+                        self.cfg.learning_rate, saved_lr, step + 1)
+            self.scheduler.base_lrs = [self.cfg.learning_rate] * len(self.scheduler.base_lrs)
+            for group, multiplier in zip(self.scheduler.optimizer.param_groups, self.scheduler.lr_lambdas):
+                group["lr"] = self.cfg.learning_rate * multiplier(self.scheduler.last_epoch)
+        self.global_step = step
+        if self.rank == 0:
+            truncate_metrics(self.metrics_path, step)
+        log.info("resumed from %s (step %d of %d)", path, step, self.total_steps)
+
+    # ------------------------------------------------------------------------------------- train
+    def _loss_step(self, batch: dict) -> torch.Tensor:
+        """Forward one micro-batch; the loss is the mean over its answer tokens."""
+        inputs = {k: batch[k].to(self.device, non_blocking=True)
+                  for k in ("input_ids", "attention_mask", "labels", "pixel_values")}
+        if self.bf16:
+            inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
+        output = self.engine(**inputs)
+        return output["loss"] if isinstance(output, dict) else output.loss
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        # Every rank must take the same decision, or the ones that go on would wait forever.
+        flag = torch.isfinite(loss.detach()).float().reshape(1)  # on the loss's device: NCCL needs CUDA tensors
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def train(self) -> int:
+        """Train to the last step; returns the process exit code (0, or 1 after a non-finite loss)."""
+        from tqdm import tqdm
+
+        cfg, engine = self.cfg, self.engine
+        accumulation = cfg.gradient_accumulation_steps
+        epoch, step_in_epoch = divmod(self.global_step, self.steps_per_epoch)
+        progress = tqdm(total=self.total_steps, initial=self.global_step, disable=self.rank != 0,
+                        desc="m2pt", unit="step", dynamic_ncols=True)
+        # per optimizer step: [loss sum over micro-batches, tokens, samples, skipped records]
+        totals = torch.zeros(4, dtype=torch.float64)
+        started = time.perf_counter()
+        try:
+            while self.global_step < self.total_steps:
+                self.sampler.set_position(epoch, step_in_epoch * accumulation)
+                for micro, batch in enumerate(self.loader):
+                    loss = self._loss_step(batch)
+                    if not self._all_finite(loss):
+                        raise NonFiniteLoss(f"non-finite loss at step {self.global_step + 1}")
+                    engine.backward(loss)
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    boundary_norm = self._local_grad_norm() if (micro + 1) % accumulation == 0 else None
+                    engine.step()
+                    for reason in batch["skipped"]:
+                        log.warning("skipped a bad record: %s", reason)
+                    totals += torch.tensor([loss.item(), batch["attention_mask"].sum().item(),
+                                            batch["input_ids"].shape[0], len(batch["skipped"])], dtype=torch.float64)
+                    if (micro + 1) % accumulation:
+                        continue
+                    self.global_step += 1
+                    started = self._log_step(totals, lr, boundary_norm, started, epoch, progress)
+                    totals.zero_()
+                    last = self.global_step >= self.total_steps  # the final step writes the prompt file instead
+                    if cfg.save_steps and self.global_step % cfg.save_steps == 0 and not last:
+                        self._save_checkpoint()
+                    if self.global_step >= self.total_steps:
+                        break
+                epoch, step_in_epoch = epoch + 1, 0
+        except NonFiniteLoss as e:
+            found = newest_checkpoint(self.output_dir)
+            kept = f"the last good checkpoint is {found[1]}" if found else "no checkpoint was written yet"
+            if self.rank == 0:
+                log.error("%s: stopping; %s. Lower --learning_rate or check the data, then --resume.", e, kept)
+            progress.close()
+            return 1
+        progress.close()
+        self._save_final()
+        return 0
+
+    def _local_grad_norm(self) -> float | None:
+        """The gradient norm before clipping where DeepSpeed does not report one (ZeRO-0 in fp32).
+
+        There the gradients are whole and already averaged across ranks after the boundary's backward.
+        """
+        if self.zero_stage != 0 or self.bf16:
+            return None
+        grads = [p.grad for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+        if not grads:
+            return 0.0
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+
+    def _log_step(self, totals: torch.Tensor, lr: float, grad_norm: float | None, started: float, epoch: int,
+                  progress) -> float:
+        reduced = totals.to(self.device)  # a copy; NCCL reduces CUDA tensors only
+        dist.all_reduce(reduced)
+        now = time.perf_counter()
+        seconds = max(now - started, 1e-9)
+        memory, memory_kind = _peak_memory_mb(self.device)
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()
+        loss = reduced[0].item() / (self.cfg.gradient_accumulation_steps * self.world_size)
+        record = {
+            "step": self.global_step, "epoch": epoch, "loss": loss, "lr": lr,
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "samples_per_s": reduced[2].item() / seconds, "tokens_per_s": reduced[1].item() / seconds,
+            "peak_mem_mb": memory, "peak_mem_kind": memory_kind, "skipped_records": int(reduced[3].item()),
+        }
+        if self.rank == 0:
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            progress.set_postfix(loss=f"{loss:.4f}", samples_s=f"{record['samples_per_s']:.1f}",
+                                 mem_mb=f"{memory:.0f}", refresh=False)
+            progress.update(1)
+        return now
+
+    # ----------------------------------------------------------------------------------- outputs
+    def _gathered_tuned(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.zero_stage == 3:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        return contextlib.nullcontext()
+
+    def _write_prompts(self, path: Path) -> None:
+        """The prompt file, written by rank 0 through a temporary name (all ranks must call this)."""
+        with self._gathered_tuned():
+            if self.rank == 0:
+                tmp = path.with_name(f".tmp-{path.name}")
+                save_prompts(self.model, tmp)
+                os.replace(tmp, path)
+
+    def _save_checkpoint(self) -> None:
+        step = self.global_step
+        tmp = temporary_dir(self.output_dir, step)
+        if self.rank == 0:
+            if tmp.exists():
+                import shutil
+
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
+        client = {"step": step, "signature": self._run_signature(),  # the data position: where the next step reads
+                  "epoch": epoch, "micro_batch_in_epoch": step_in_epoch * self.cfg.gradient_accumulation_steps}
+        self.engine.save_checkpoint(str(tmp), tag=STATE_TAG, client_state=client, save_latest=False,
+                                    exclude_frozen_parameters=True)
+        save_rng(tmp, self.rank)
+        self._write_prompts(tmp / "prompts.safetensors")
+        dist.barrier()
+        if self.rank == 0:
+            path = publish(self.output_dir, step, keep=self.cfg.save_total_limit)
+            log.info("checkpoint %s", path)
+        dist.barrier()
+
+    def _save_final(self) -> None:
+        path = self.output_dir / "prompts.safetensors"
+        self._write_prompts(path)
+        if self.rank == 0:
+            last = self.metrics_path.read_text().splitlines()[-1:]
+            loss = json.loads(last[0])["loss"] if last else float("nan")
+            log.info("done: %d steps, last loss %.4f; prompts in %s", self.global_step, loss, path)
+
+    def cleanup(self) -> None:
+        # Without the barrier, 2-rank gloo runs sometimes abort at exit (DESIGN.md §4).
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = parse_args(argv)
+    except ValueError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    recipe = M2PTRecipe(config)
+    try:
+        recipe.setup()
+        return recipe.train()
+    except ValueError as e:  # a bad option, file or data set: the message says the fix
+        log.error("%s", e)
+        return 2
+    finally:
+        recipe.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""The trainer's configuration: one dataclass, filled from defaults < a YAML recipe < the command line.
+
+Option names follow LLaVA / transformers where one exists. Every check lives in
+`TrainConfig.__post_init__` and its errors say the fix; `parse_args` turns a command line (and an
+optional `--config recipe.yaml`) into a validated TrainConfig.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+QUANTS = ("nf4", "bf16", "fp32")
+BACKENDS = ("auto", "fused", "reference")
+PAPER_LEARNING_RATE = 7e-4
+EMBEDDED_LEARNING_RATE = 5e-3
+
+
+@dataclass
+class TrainConfig:
+    # --- model: a local LLaVA directory, or None for the embedded tiny LLaVA (random weights)
+    model_name_or_path: str | None = None
+    # --- data: a LLaVA conversation JSON, or None for the embedded synthetic set
+    data_path: str | None = None
+    image_folder: str | None = None
+    num_synthetic_samples: int = 1024
+    model_max_length: int = 2048
+    dataloader_num_workers: int = 2
+    # --- M²PT
+    num_vision_prompts: int = 10
+    num_text_prompts: int = 10
+    tune_projector: bool = True
+    tune_lm_head: bool = False
+    backend: str = "auto"
+    quant: str | None = None  # None: bf16 on a GPU, fp32 on the CPU
+    # --- optimisation
+    output_dir: str = "outputs/m2pt"
+    num_train_epochs: float = 3.0  # the paper's
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    # None: 7e-4, the paper's (prompts and projector alike), for a real model; EMBEDDED_LEARNING_RATE
+    # for the embedded tiny model, whose random frozen backbone needs larger steps
+    learning_rate: float | None = None
+    warmup_ratio: float = 0.03
+    lr_scheduler_type: str = "cosine"
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    gradient_checkpointing: bool = False
+    bf16: bool | None = None  # None: on when a GPU is used
+    # --- outputs
+    save_steps: int = 0  # 0: only the final prompt file
+    save_total_limit: int = 2
+    resume: bool = False
+    # --- distributed
+    ds_config: str | None = None  # None: ZeRO-0 with every value from these options
+    local_rank: int = -1  # set by the deepspeed launcher
+
+    def __post_init__(self):
+        positive = ("num_synthetic_samples", "model_max_length", "per_device_train_batch_size",
+                    "gradient_accumulation_steps", "save_total_limit")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("num_vision_prompts", "num_text_prompts", "dataloader_num_workers", "save_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be 0 or more, got {getattr(self, name)}")
+        no_prompts = self.num_vision_prompts == 0 and self.num_text_prompts == 0
+        if no_prompts and not (self.tune_projector or self.tune_lm_head):
+            raise ValueError("nothing to train: give --num_vision_prompts/--num_text_prompts > 0 or --tune_projector")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ValueError(f"--max_steps must be a positive number of optimizer steps, or -1 to use "
+                             f"--num_train_epochs; got {self.max_steps}")
+        if self.max_steps == -1 and not self.num_train_epochs > 0:
+            raise ValueError(f"--num_train_epochs must be > 0 (or give --max_steps), got {self.num_train_epochs}")
+        if self.learning_rate is None:
+            self.learning_rate = EMBEDDED_LEARNING_RATE if self.embedded_model else PAPER_LEARNING_RATE
+        if not self.learning_rate > 0:
+            raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"--warmup_ratio is a fraction of the run in [0, 1), got {self.warmup_ratio}")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ValueError("--weight_decay and --max_grad_norm must be >= 0 (--max_grad_norm 0 turns clipping off)")
+        if self.lr_scheduler_type not in SCHEDULERS:
+            raise ValueError(f"--lr_scheduler_type must be one of {SCHEDULERS}, got {self.lr_scheduler_type!r}")
+        if self.quant is not None and self.quant not in QUANTS:
+            raise ValueError(f"--quant must be one of {QUANTS}, got {self.quant!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"--backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.image_folder and not self.data_path:
+            raise ValueError("--image_folder is given without --data_path: give the LLaVA JSON file too")
+        if self.data_path and not Path(self.data_path).is_file():
+            raise ValueError(f"--data_path {self.data_path} is not a file: give the LLaVA conversation JSON")
+        if self.image_folder and not Path(self.image_folder).is_dir():
+            raise ValueError(f"--image_folder {self.image_folder} is not a directory")
+        if self.model_name_or_path and not Path(self.model_name_or_path).is_dir():
+            raise ValueError(
+                f"--model_name_or_path {self.model_name_or_path} is not a local directory (nothing is downloaded): "
+                "save the model and its tokenizer and image processor there first, or leave it out for the "
+                "embedded tiny LLaVA"
+            )
+        if self.quant == "nf4" and self.tune_lm_head:
+            raise ValueError("--tune_lm_head with --quant nf4: a 4-bit lm_head cannot be trained; use --quant bf16")
+        if self.ds_config and not Path(self.ds_config).is_file():
+            raise ValueError(f"--ds_config {self.ds_config} does not exist "
+                             "(configs/ has zero0..zero3 and offload variants)")
+
+    @property
+    def embedded_model(self) -> bool:
+        return self.model_name_or_path is None
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _optional(kind):
+    def convert(text: str):
+        return None if text.strip().lower() in ("none", "null", "auto", "") else kind(text)
+    return convert
+
+
+_HELP = {
+    "model_name_or_path": "a local LLaVA directory (weights, tokenizer, preprocessor_config.json); "
+                          "default: the embedded tiny LLaVA",
+    "data_path": "LLaVA conversation JSON; default: the embedded synthetic set",
+    "image_folder": "where the JSON's image paths point (default: the JSON's directory)",
+    "quant": "the frozen backbone's format (default: bf16 on a GPU, fp32 on the CPU)",
+    "bf16": "bf16 compute (default: on with a GPU)",
+    "learning_rate": f"(default {PAPER_LEARNING_RATE}, the paper's; {EMBEDDED_LEARNING_RATE} for the embedded model)",
+    "max_steps": "optimizer steps; -1 (default) runs --num_train_epochs",
+    "save_steps": "checkpoint every this many steps (default 0: none)",
+    "resume": "continue from the newest complete checkpoint in --output_dir",
+    "ds_config": "a DeepSpeed JSON (configs/); default: ZeRO-0",
+    "local_rank": "set by the deepspeed launcher",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One --option per TrainConfig field; defaults are suppressed so the given ones can be told apart."""
+    parser = argparse.ArgumentParser(
+        description="M²PT prompt tuning of a LLaVA model (with no model or data: the embedded tiny demo).",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", help="a YAML recipe with any of the options below as keys")
+    for f in fields(TrainConfig):
+        default = f.default
+        flag = f"--{f.name}"
+        if f.type in ("bool", "bool | None"):
+            # `--flag` alone means true; `--flag false` turns a default-on option off
+            parser.add_argument(flag, nargs="?", const=True, type=_parse_bool,
+                                help=_HELP.get(f.name, f"true or false (default {default})"))
+        elif f.type in ("int", "float", "float | None"):
+            parser.add_argument(flag, type=int if f.type == "int" else float,
+                                help=_HELP.get(f.name, f"(default {default})"))
+        else:
+            choices = {"lr_scheduler_type": SCHEDULERS, "backend": BACKENDS, "quant": QUANTS}.get(f.name)
+            parser.add_argument(flag, type=str if choices else _optional(str), choices=choices,
+                                help=_HELP.get(f.name, f"(default {default})"))
+    return parser
+
+
+def _check_yaml_values(path: str, values: Any) -> dict[str, Any]:
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: a recipe is a mapping of option names to values")
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown option(s) {unknown}; valid keys are the --options of train.py: "
+                         f"{sorted(known)}")
+    return values
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """TrainConfig from defaults, then `--config recipe.yaml`, then the other command-line options."""
+    given = vars(build_parser().parse_args(argv))
+    values: dict[str, Any] = {}
+    recipe = given.pop("config", None)
+    if recipe:
+        import yaml
+
+        if not Path(recipe).is_file():
+            raise ValueError(f"--config {recipe} does not exist")
+        values.update(_check_yaml_values(recipe, yaml.safe_load(Path(recipe).read_text())))
+    values.update(given)
+    return TrainConfig(**values)
+
+
+def to_dict(config: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)

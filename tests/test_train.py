@@ -1,0 +1,211 @@
+"""The trainer end to end, as users run it: the real `deepspeed` launcher with 2 processes (gloo) under
+ZeRO-2 and ZeRO-3, bit-exact resume, bad records, a non-finite loss, and `python m2pt_fast/train.py`
+with no launcher. Every run is the embedded default (tiny LLaVA, synthetic data) cut to a few steps.
+"""
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "m2pt_fast" / "train.py"
+SHORT = ["--max_steps", "4", "--save_steps", "2", "--dataloader_num_workers", "1", "--warmup_ratio", "0",
+         "--learning_rate", "3e-3"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    # One thread per rank: the 2-process runs share the machine's cores. TRITON_INTERPRET (set by
+    # conftest for the kernel tests) is dropped so the trainer runs as a user's would.
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def _run(command: list[str], expect: int = 0) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == expect, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def deepspeed_run(output_dir: Path, *args: str, processes: int = 2) -> subprocess.CompletedProcess:
+    launcher = shutil.which("deepspeed")
+    launcher = [launcher] if launcher else [sys.executable, "-m", "deepspeed.launcher.runner"]
+    # a free port of its own: other test runs on the machine may hold DeepSpeed's default one
+    return _run([*launcher, "--num_gpus", str(processes), "--master_port", str(_free_port()),
+                 str(TRAIN), "--output_dir", str(output_dir), *args])
+
+
+def python_run(output_dir: Path, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
+    return _run([sys.executable, str(TRAIN), "--output_dir", str(output_dir), *args], expect=expect)
+
+
+def metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def tensors(path: Path) -> dict:
+    return safetensors_torch.load_file(str(path))
+
+
+@pytest.fixture(scope="module")
+def zero2_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("zero2")
+    deepspeed_run(out, "--ds_config", "configs/zero2.json", *SHORT)
+    return out
+
+
+def _check_finished_run(out: Path, steps: int = 4):
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    for key in ("loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "peak_mem_mb"):
+        assert all(isinstance(r[key], float) and r[key] >= 0 for r in rows), key
+    assert rows[-1]["loss"] < rows[0]["loss"], [r["loss"] for r in rows]
+    # the schedule asked for (cosine from 3e-3, no warmup) is the one that ran
+    cosine = [3e-3 * 0.5 * (1 + math.cos(math.pi * k / steps)) for k in range(steps)]
+    assert [r["lr"] for r in rows] == pytest.approx(cosine, rel=1e-12)
+    prompts = tensors(out / "prompts.safetensors")
+    assert {"vision_prompts", "text_prompts"} <= set(prompts) and any(k.startswith("projector.") for k in prompts)
+    checkpoint = out / "checkpoints" / "step-2"
+    assert sorted(p.name for p in checkpoint.glob("rng-rank*.pt")) == ["rng-rank0.pt", "rng-rank1.pt"]
+    assert (checkpoint / "state").is_dir() and (checkpoint / "prompts.safetensors").is_file()
+    assert not list((out / "checkpoints").glob(".tmp-*")), "no half-written checkpoint is left behind"
+    assert json.loads((out / "run_config.json").read_text())["world_size"] == 2
+
+
+def test_deepspeed_zero2_two_processes(zero2_run):
+    _check_finished_run(zero2_run)
+
+
+def test_deepspeed_zero3_two_processes_matches_zero2(zero2_run, tmp_path):
+    # the reference backend here, the fused one (the default) in zero2_run: one function, two forms
+    deepspeed_run(tmp_path, "--ds_config", "configs/zero3.json", "--backend", "reference", *SHORT)
+    _check_finished_run(tmp_path)
+    assert json.loads((tmp_path / "run_config.json").read_text())["backend"] == "reference"
+    # Same data, same function, partitioned differently: equal up to the order of fp32 reductions.
+    ours, theirs = tensors(tmp_path / "prompts.safetensors"), tensors(zero2_run / "prompts.safetensors")
+    for name in theirs:
+        assert (ours[name] - theirs[name]).abs().max() < 1e-5, name
+
+
+def test_resume_ends_bit_for_bit_like_an_uninterrupted_run(zero2_run, tmp_path):
+    # The interrupted run: everything the uninterrupted one had written by its step-2 checkpoint.
+    resumed = tmp_path / "run"
+    shutil.copytree(zero2_run, resumed)
+    (resumed / "prompts.safetensors").unlink()
+    # and a save of step 3 that was killed half-way: it must be ignored, and cleared
+    partial = resumed / "checkpoints" / ".tmp-step-3" / "state"
+    partial.mkdir(parents=True)
+    (partial / "mp_rank_00_model_states.pt").write_bytes(b"half a file")
+    deepspeed_run(resumed, "--ds_config", "configs/zero2.json", *SHORT, "--resume")
+    ours, theirs = tensors(resumed / "prompts.safetensors"), tensors(zero2_run / "prompts.safetensors")
+    assert ours.keys() == theirs.keys()
+    for name in theirs:
+        assert ours[name].equal(theirs[name]), name
+    assert [r["loss"] for r in metrics(resumed)] == [r["loss"] for r in metrics(zero2_run)]
+    assert not (resumed / "checkpoints" / ".tmp-step-3").exists()
+
+
+def _llava_json_with_bad_records(directory: Path) -> tuple[Path, Path]:
+    from m2pt_fast.data import write_llava_json
+
+    data_path, images = write_llava_json(directory, 11, seed=2)
+    records = json.loads(Path(data_path).read_text())
+    good = records[0]["conversations"]
+    png = (Path(images) / "000000.png").read_bytes()
+    (Path(images) / "truncated.png").write_bytes(png[: len(png) // 2])  # header fine, pixels missing
+    (Path(images) / "corrupt.png").write_bytes(b"not an image")
+    records += [
+        {"id": "truncated", "image": "truncated.png", "conversations": good},
+        {"id": "missing", "image": "missing.png", "conversations": good},
+        {"id": "corrupt", "image": "corrupt.png", "conversations": good},
+        {"id": "no-answer", "image": "000001.png", "conversations": good[:1]},
+        {"id": "malformed", "image": "000001.png", "conversations": "USER: hi"},
+    ]
+    Path(data_path).write_text(json.dumps(records))
+    return Path(data_path), Path(images)
+
+
+def test_python_without_launcher_skips_bad_records(tmp_path):
+    data_path, images = _llava_json_with_bad_records(tmp_path / "data")
+    out = tmp_path / "out"
+    # 12 usable records, 4 per step: one epoch of 3 steps reads the truncated image exactly once
+    result = python_run(out, "--data_path", str(data_path), "--image_folder", str(images),
+                        "--per_device_train_batch_size", "4", "--num_train_epochs", "1",
+                        "--dataloader_num_workers", "1")
+    assert "skipped 4 of 16 records" in result.stderr
+    assert "'missing image': 1" in result.stderr and "'corrupt image': 1" in result.stderr
+    rows = metrics(out)
+    assert len(rows) == 3 and sum(r["skipped_records"] for r in rows) == 1
+    assert "truncated" in result.stderr
+    assert (out / "prompts.safetensors").is_file()
+
+
+def _local_model_directory(directory: Path) -> Path:
+    """A tiny LLaVA saved as a user would have one: weights, tokenizer, preprocessor_config.json."""
+    from transformers import CLIPImageProcessor
+
+    from m2pt_fast import build_llava
+    from m2pt_fast.data import IMAGE, build_word_tokenizer, synthetic_texts, words_of
+    from m2pt_fast.data.conversation import SYSTEM_PROMPT
+
+    tokenizer = build_word_tokenizer(words_of([*synthetic_texts(), SYSTEM_PROMPT, "USER: ASSISTANT:"]))
+    llava = build_llava("tiny", vocab_size=len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),
+                        pad_token_id=tokenizer.pad_token_id)
+    llava.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    size = llava.config.vision_config.image_size
+    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    processor.save_pretrained(directory)
+    return directory
+
+
+def test_local_model_directory_quantized_to_nf4_with_zero2(tmp_path):
+    from m2pt_fast.data import write_llava_json
+
+    model = _local_model_directory(tmp_path / "model")
+    data_path, images = write_llava_json(tmp_path / "data", 32, seed=4)
+    out = tmp_path / "out"
+    python_run(out, "--model_name_or_path", str(model), "--data_path", data_path, "--image_folder", images,
+               "--quant", "nf4", "--ds_config", "configs/zero2.json", "--gradient_checkpointing",
+               "--max_steps", "2", "--dataloader_num_workers", "0")
+    run = json.loads((out / "run_config.json").read_text())
+    assert run["quant"] == "nf4" and run["config"]["learning_rate"] == 7e-4
+    assert len(metrics(out)) == 2 and (out / "prompts.safetensors").is_file()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
+    # An absurd learning rate blows the prompts up after the first step; the second loss is NaN.
+    result = python_run(tmp_path, "--max_steps", "4", "--save_steps", "1", "--warmup_ratio", "0",
+                        "--learning_rate", "1e30", "--dataloader_num_workers", "0", expect=1)
+    assert "non-finite loss" in result.stderr and "checkpoints/step-1" in result.stderr
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-1"]
+    assert not (tmp_path / "prompts.safetensors").exists()
+    assert len(metrics(tmp_path)) == 1
+
+
+def test_bad_options_stop_before_training_with_the_fix(tmp_path):
+    result = python_run(tmp_path, "--max_steps", "0", expect=2)
+    assert "--max_steps must be a positive number" in result.stderr
+    result = python_run(tmp_path, "--ds_config", "configs/zero3.json", "--quant", "nf4", expect=2)
+    assert "ZeRO-3 with --quant nf4" in result.stderr
+    if not torch.cuda.is_available():
+        result = python_run(tmp_path, "--quant", "bf16", expect=2)
+        assert "on the CPU use --quant fp32 or --quant nf4" in result.stderr
