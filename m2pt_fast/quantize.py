@@ -147,6 +147,18 @@ class NF4Linear(nn.Module):
         device checks, F.linear on it). Calling the module never materializes it for small batches."""
         return nf4_dequantize(self.nf4_weight())
 
+    def _apply(self, fn, recurse=True):
+        # model.to(dtype) / .half() / .bfloat16() (DeepSpeed's bf16 mode does this) cast floating
+        # buffers too; the fp32 statistics are part of the format, so they follow the device only
+        stats = {name: buf for name, buf in self._buffers.items()
+                 if name.startswith("weight_") and buf is not None and buf.dtype == torch.float32}
+        super()._apply(fn, recurse)
+        for name, original in stats.items():
+            moved = self._buffers[name]
+            if moved.dtype != torch.float32:
+                self._buffers[name] = original.to(moved.device)
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias
         if bias is not None and bias.dtype != x.dtype:

@@ -277,3 +277,20 @@ def test_bitsandbytes_checkpoint_errors(fp_model, tmp_path):
     save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(KeyError, match="nested_absmax"):
         load_quantized(tmp_path)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_casting_the_model_keeps_nf4_statistics_fp32(fp_model, inputs, double_quant):
+    # DeepSpeed's bf16 mode calls module.bfloat16(): dense parameters change dtype, the NF4 format not
+    model = _clone(fp_model)
+    quantize_model(model, double_quant=double_quant)
+    layer = model.model.language_model.layers[0].self_attn.q_proj
+    before = layer.nf4_weight()
+    model.bfloat16()
+    after = layer.nf4_weight()
+    assert after.absmax.dtype == (torch.uint8 if double_quant else torch.float32)
+    assert torch.equal(nf4_dequantize_reference(after), nf4_dequantize_reference(before))
+    assert model.model.language_model.norm.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        batch_bf16 = dict(inputs, pixel_values=inputs["pixel_values"].bfloat16())
+        assert torch.isfinite(model(**batch_bf16).loss)
