@@ -60,7 +60,7 @@ def nf4_codes_reference(w: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, 
         absmax = torch.cat([absmax[:-1], safe[-1:]])
     scaled = scaled.clamp(-1, 1)
     # nearest NF4 value; a value exactly on a midpoint goes to the lower code (bucketize, right=False)
-    codes = torch.bucketize(scaled, NF4_MIDPOINTS.to(flat.device)).to(torch.uint8)
+    codes = torch.bucketize(scaled, NF4_MIDPOINTS.to(flat.device), out_int32=True).to(torch.uint8)
     return codes, absmax
 
 
