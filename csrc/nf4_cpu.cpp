@@ -60,6 +60,10 @@ inline uint8_t nf4_code(float v, const float* mid) {
 
 extern "C" {
 
+// Bumped whenever a signature below changes; kernels/_native.py refuses a library of another version
+// (a stale build next to newer Python code would otherwise be called with the wrong arguments).
+int32_t m2pt_nf4_abi_version() { return 1; }
+
 int32_t m2pt_nf4_num_threads() {
 #ifdef _OPENMP
     return omp_get_max_threads();

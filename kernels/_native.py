@@ -20,6 +20,7 @@ from .nf4_format import NESTED_BLOCKSIZE, NF4Weight
 from .reference.nf4 import dynamic_lut as _dynamic_lut
 
 LIBRARY_NAME = "libm2pt_nf4.so"
+ABI_VERSION = 1  # csrc/nf4_cpu.cpp m2pt_nf4_abi_version()
 _lib: Optional[ctypes.CDLL] = None
 _load_error: Optional[str] = None
 _loaded = False
@@ -50,6 +51,11 @@ def _load() -> Optional[ctypes.CDLL]:
                 lib = ctypes.CDLL(str(path))
             except OSError as exc:
                 _load_error = f"{path}: {exc}"
+                continue
+            version = getattr(lib, "m2pt_nf4_abi_version", None)
+            if version is None or version() != ABI_VERSION:
+                found = version() if version is not None else "none"
+                _load_error = f"{path} is a stale build (ABI {found}, need {ABI_VERSION}): rebuild it"
                 continue
             vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
             lib.m2pt_nf4_quantize.argtypes = [vp, i32, i64, i64, vp, vp]
