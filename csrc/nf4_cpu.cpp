@@ -39,12 +39,13 @@ inline float bf16_to_float(uint16_t h) {
 }
 
 inline uint16_t float_to_bf16(float f) {
-    // round to nearest even, as torch's .to(torch.bfloat16); NaN stays NaN
+    // round to nearest even, as torch's .to(torch.bfloat16); NaN stays a quiet NaN. Branch-free so
+    // that the conversion loop vectorizes.
     uint32_t bits;
     std::memcpy(&bits, &f, 4);
-    if (std::isnan(f)) return static_cast<uint16_t>((bits >> 16) | 0x40);
-    bits += 0x7FFF + ((bits >> 16) & 1);
-    return static_cast<uint16_t>(bits >> 16);
+    const uint32_t rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
+    const uint32_t quiet_nan = (bits >> 16) | 0x40;
+    return static_cast<uint16_t>(f != f ? quiet_nan : rounded);
 }
 
 // Index of the nearest NF4 value: the number of midpoints strictly below v, so a value exactly on a

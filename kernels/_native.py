@@ -102,7 +102,8 @@ def quantize(w: torch.Tensor, blocksize: int, double_quant: bool) -> NF4Weight:
     nn = -(-nblocks // NESTED_BLOCKSIZE)
     q8 = torch.empty(nblocks, dtype=torch.uint8)
     nested = torch.empty(nn, dtype=torch.float32)
-    rc = lib.m2pt_blockwise8_quantize(_ptr(centered), nblocks, NESTED_BLOCKSIZE, _ptr(_dynamic_lut()), _ptr(q8), _ptr(nested))
+    rc = lib.m2pt_blockwise8_quantize(_ptr(centered), nblocks, NESTED_BLOCKSIZE, _ptr(_dynamic_lut()),
+                                      _ptr(q8), _ptr(nested))
     if rc != 0:
         raise RuntimeError(f"native 8-bit quantize failed (code {rc})")
     return NF4Weight(packed, q8, w.shape, w.dtype, blocksize, nested_absmax=nested, nested_offset=offset)
@@ -112,7 +113,8 @@ def dequantize(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
     lib = _load()
     scales = q.absmax_fp32().contiguous()
     out = torch.empty(q.shape, dtype=dtype)
-    rc = lib.m2pt_nf4_dequantize(_ptr(q.packed.contiguous()), _ptr(scales), q.numel, q.blocksize, _ptr(out), _DTYPE_CODES[dtype])
+    rc = lib.m2pt_nf4_dequantize(_ptr(q.packed.contiguous()), _ptr(scales), q.numel, q.blocksize, _ptr(out),
+                                 _DTYPE_CODES[dtype])
     if rc != 0:
         raise RuntimeError(f"native NF4 dequantize failed (code {rc})")
     return out

@@ -11,12 +11,13 @@ dequantizes tiles in registers and never writes the dense weight.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 
 from . import _dispatch
-from .nf4_format import DYNAMIC_CODE, NESTED_BLOCKSIZE, NF4_CODE, NF4Weight
+from .nf4_format import DYNAMIC_CODE, NF4_CODE, NF4Weight
 from .reference import nf4 as _ref
 
 try:
@@ -31,7 +32,8 @@ except ImportError:  # the reference path still works; _dispatch.use_triton() re
 # bench/test_bench_nf4.py (M in {1, 16, 256, 5632}) and move this one number.
 FUSED_MAX_M = 16
 
-_DEQUANT_BLOCK = 1024  # output elements per program: 512 bytes of codes, enough to hide latency
+# output elements per program: 1 KiB of codes in, 4 KiB of bf16 out (ptxas, sm_90: 48 registers)
+_DEQUANT_BLOCK = 2048
 
 if triton is not None:
 
@@ -41,7 +43,7 @@ if triton is not None:
         # separately rounded fp32 ops (the launcher turns off FMA fusion so the bytes match bitsandbytes)
         if DOUBLE_QUANT:
             q8 = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
-            nested = tl.load(nested_ptr + blk // 256, mask=mask, other=0.0)
+            nested = tl.load(nested_ptr + blk // 256, mask=mask, other=0.0)  # NESTED_BLOCKSIZE
             offset = tl.load(offset_ptr)
             scale = tl.load(dyn_ptr + q8, mask=mask, other=0.0) * nested + offset
         else:
@@ -51,20 +53,22 @@ if triton is not None:
     @triton.jit
     def _nf4_dequant_kernel(
         packed_ptr, absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, code_ptr, out_ptr,
-        n,
+        n, nbytes,
         BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK: tl.constexpr,
     ):
-        # one program writes BLOCK consecutive elements of the flattened weight; BLOCK is a multiple of
-        # BLOCKSIZE or a divisor of it, so a program touches whole bytes and few scales
+        # one program turns BLOCK // 2 bytes into BLOCK consecutive elements of the flattened weight.
+        # Working per byte loads each byte and each scale once; both nibbles of a byte share a block
+        # because every supported blocksize is even.
         pid = tl.program_id(0)
-        e = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)           # element index (BLOCK,)
-        mask = e < n
-        byte = tl.load(packed_ptr + e // 2, mask=mask, other=0).to(tl.int32)
-        # even element in the high nibble
-        nib = tl.where((e % 2) == 0, byte >> 4, byte & 0xF)
-        value = tl.load(code_ptr + nib, mask=mask, other=0.0)       # fp32 NF4 value, from L1
-        scale = _block_scales(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, e // BLOCKSIZE, mask, DOUBLE_QUANT)
-        tl.store(out_ptr + e, (value * scale).to(out_ptr.dtype.element_ty), mask=mask)
+        b = pid.to(tl.int64) * (BLOCK // 2) + tl.arange(0, BLOCK // 2)   # byte index (BLOCK/2,)
+        bmask = b < nbytes
+        byte = tl.load(packed_ptr + b, mask=bmask, other=0).to(tl.int32)
+        scale = _block_scales(absmax_ptr, nested_ptr, offset_ptr, dyn_ptr, (2 * b) // BLOCKSIZE, bmask, DOUBLE_QUANT)
+        hi = tl.load(code_ptr + (byte >> 4), mask=bmask, other=0.0) * scale     # even elements
+        lo = tl.load(code_ptr + (byte & 0xF), mask=bmask, other=0.0) * scale    # odd elements
+        values = tl.reshape(tl.join(hi, lo), (BLOCK,))                   # (BLOCK/2, 2) -> interleaved
+        e = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out_ptr + e, values.to(out_ptr.dtype.element_ty), mask=e < n)
 
     @triton.jit
     def _nf4_fused_linear_kernel(
@@ -104,37 +108,51 @@ if triton is not None:
 
 
 # ---- launchers ----------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _tables(device: torch.device):
+    """The NF4 and 8-bit dynamic code tables on `device`, copied there once, not on every call."""
+    return NF4_CODE.to(device), DYNAMIC_CODE.to(device)
+
+
 def _stat_args(q: NF4Weight):
     """Kernel pointer arguments for the statistics; unused ones get a valid dummy (never read)."""
-    dev = q.device
-    code = NF4_CODE.to(dev)
+    code, dyn = _tables(q.device)
     if q.double_quant:
-        return q.absmax, q.nested_absmax, q.nested_offset.reshape(1), DYNAMIC_CODE.to(dev), code
+        return q.absmax, q.nested_absmax, q.nested_offset.reshape(1), dyn, code
     return q.absmax, q.absmax, q.absmax, code, code
 
 
-def _launch_dequantize(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
-    out = torch.empty(q.shape, dtype=dtype, device=q.device)
+def _launch_dequantize(q: NF4Weight, dtype: torch.dtype, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The dense weight into `out` (new if None; tests pass a NaN-poisoned one)."""
+    if out is None:
+        out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
     n = q.numel
     absmax, nested, offset, dyn, code = _stat_args(q)
     grid = (triton.cdiv(n, _DEQUANT_BLOCK),)
     _nf4_dequant_kernel[grid](
-        q.packed, absmax, nested, offset, dyn, code, out, n,
+        q.packed, absmax, nested, offset, dyn, code, out, n, q.packed.numel(),
         BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, BLOCK=_DEQUANT_BLOCK,
         enable_fp_fusion=False,
     )
     return out
 
 
-def _launch_fused_linear(x2d: torch.Tensor, q: NF4Weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _launch_fused_linear(x2d: torch.Tensor, q: NF4Weight, bias: Optional[torch.Tensor],
+                         out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x2d (M, K) @ W.T (+ bias) -> (M, N) in x2d's dtype, into `out` (new if None)."""
     M, K = x2d.shape
     N = q.shape[0]
-    out = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
+    if out is None:
+        out = torch.empty((M, N), dtype=x2d.dtype, device=x2d.device)
     absmax, nested, offset, dyn, code = _stat_args(q)
-    BLOCK_M, BLOCK_N, BLOCK_K = 16, 64, 64
+    # PROVISIONAL tiles (no GPU this session): 16 rows is tl.dot's smallest M; 32 output columns per
+    # program give a 4096-wide layer 128 programs, about one per H100 SM, where 64 would idle half.
+    # ptxas (sm_90, 4 warps, bf16, double quant): 126 registers, no spills; 64 columns take 222.
+    BLOCK_M, BLOCK_N, BLOCK_K = 16, 32, 64
     grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(M, BLOCK_M))
     _nf4_fused_linear_kernel[grid](
-        x2d, q.packed, absmax, nested, offset, dyn, code, bias if bias is not None else x2d, out,
+        x2d, q.packed, absmax, nested, offset, dyn, code, bias.contiguous() if bias is not None else x2d, out,
         x2d.stride(0), x2d.stride(1), out.stride(0), out.stride(1),
         M, N, K,
         BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, HAS_BIAS=bias is not None,
@@ -149,10 +167,11 @@ def _check_linear(x: torch.Tensor, q: NF4Weight, bias: Optional[torch.Tensor]) -
         raise TypeError(f"nf4_linear expects an NF4Weight (from nf4_quantize), got {type(q).__name__}")
     if len(q.shape) != 2:
         raise ValueError(f"nf4_linear needs a 2-D weight (N, K), got shape {tuple(q.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"nf4_linear expects a floating-point input, got {x.dtype}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"nf4_linear expects a floating-point input (float32/float16/bfloat16), got {x.dtype}")
     if x.shape[-1] != q.shape[1]:
-        raise ValueError(f"nf4_linear: input has {x.shape[-1]} features, the weight expects {q.shape[1]} (shape {tuple(q.shape)})")
+        raise ValueError(f"nf4_linear: input has {x.shape[-1]} features, the weight expects {q.shape[1]} (shape "
+                         f"{tuple(q.shape)})")
     if x.device != q.device:
         raise ValueError(f"nf4_linear: input on {x.device}, weight on {q.device}; move one of them")
     if bias is not None and bias.shape != (q.shape[0],):
@@ -175,7 +194,9 @@ def _dense(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
 
 def _forward(x: torch.Tensor, q: NF4Weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
     x2d = x.reshape(-1, x.shape[-1])                                 # (M, K)
-    if x2d.shape[0] <= FUSED_MAX_M and _dispatch.use_triton(x2d, q.packed):
+    # the interpreter's bf16 tl.dot returns garbage (DESIGN.md §4): on CPU bf16 takes the dense path
+    interpreted_bf16 = x.device.type == "cpu" and x.dtype == torch.bfloat16
+    if x2d.shape[0] <= FUSED_MAX_M and not interpreted_bf16 and _dispatch.use_triton(x2d, q.packed):
         out = _launch_fused_linear(x2d, q, bias)
     else:
         out = torch.nn.functional.linear(x2d, _dense(q, x.dtype), bias)
@@ -183,13 +204,43 @@ def _forward(x: torch.Tensor, q: NF4Weight, bias: Optional[torch.Tensor]) -> tor
 
 
 # ---- autograd -----------------------------------------------------------------------------------
+def _checkpointed() -> bool:
+    """True inside an activation-checkpointed region: torch.utils.checkpoint's non-reentrant forward
+    or recompute (its saved-tensor hooks are on top of the stack), or any forward run during a backward
+    pass (the reentrant variant's recompute). These are private torch hooks: if they move, this says
+    False and the only loss is one extra dequantization per layer."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    hooks = top(False) if top is not None else None
+    if hooks is not None:
+        name = getattr(hooks[0], "__qualname__", "")
+        if name.startswith(("_checkpoint_hook.", "_recomputation_hook.")):
+            return True
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
+
+
 class _NF4LinearFunction(torch.autograd.Function):
-    """y = x @ W.T + b with W frozen in NF4: backward gives dx (and db), never dW."""
+    """y = x @ W.T + b with W frozen in NF4: backward gives dx (and db), never dW.
+
+    With activation checkpointing a layer's weight would be dequantized in forward, in the recompute
+    and in backward. Recompute and backward of a layer run back to back, so on the dequantize path
+    the dense copy is saved for backward inside checkpointed regions: the checkpoint drops it after
+    the forward (it costs nothing there) and the recompute's copy serves the backward, one
+    dequantization fewer per layer for one block's dense weights alive between recompute and
+    backward. Outside checkpointing nothing dense is saved: that would hold the whole model dense.
+    """
 
     @staticmethod
     def forward(ctx, x, bias, q):
         ctx.q = q
         ctx.has_bias = bias is not None
+        ctx.keeps_dense = False
+        x2d = x.reshape(-1, x.shape[-1])
+        if x2d.shape[0] > FUSED_MAX_M and _checkpointed():
+            dense = _dense(q, x.dtype)
+            ctx.save_for_backward(dense)
+            ctx.keeps_dense = True
+            return torch.nn.functional.linear(x, dense, bias)
         return _forward(x, q, bias)
 
     @staticmethod
@@ -197,8 +248,11 @@ class _NF4LinearFunction(torch.autograd.Function):
         q = ctx.q
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
+            dense = ctx.saved_tensors[0] if ctx.keeps_dense else None
+            if dense is None or dense.dtype != grad_out.dtype:
+                dense = _dense(q, grad_out.dtype)
             # dx = dy @ W at every M: backward runs at training shapes, where dequantize + cuBLAS wins
-            grad_x = grad_out @ _dense(q, grad_out.dtype)
+            grad_x = grad_out @ dense
         if ctx.has_bias and ctx.needs_input_grad[1]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, grad_bias, None

@@ -90,7 +90,8 @@ class NF4Weight:
         self.dtype = dtype
         self.blocksize = int(blocksize)
         self.nested_absmax = None if nested_absmax is None else nested_absmax.reshape(-1)
-        self.nested_offset = None if nested_offset is None else torch.as_tensor(nested_offset, dtype=torch.float32).reshape(())
+        self.nested_offset = (None if nested_offset is None
+                              else torch.as_tensor(nested_offset, dtype=torch.float32).reshape(()))
         self.validate()
 
     # ---- structure ------------------------------------------------------------------------------
@@ -118,20 +119,27 @@ class NF4Weight:
 
     def validate(self) -> None:
         """Raise ValueError naming the first inconsistency (a corrupt or mismatched checkpoint)."""
-        _check(self.blocksize in BLOCKSIZES, f"NF4 blocksize {self.blocksize} is not supported; use one of {BLOCKSIZES}")
+        _check(self.blocksize in BLOCKSIZES, f"NF4 blocksize {self.blocksize} is not supported; use one of "
+                                             f"{BLOCKSIZES}")
         _check(self.dtype in FLOAT_DTYPES, f"NF4 weight dtype must be one of {FLOAT_DTYPES}, got {self.dtype}")
-        _check(len(self.shape) >= 2 and self.numel > 0, f"NF4 weights must be non-empty and at least 2-D, got shape {tuple(self.shape)}")
+        _check(len(self.shape) >= 2 and self.numel > 0, f"NF4 weights must be non-empty and at least 2-D, got "
+                                                        f"shape {tuple(self.shape)}")
         _check(self.packed.dtype == torch.uint8, f"NF4 packed codes must be uint8, got {self.packed.dtype}")
         want = (self.numel + 1) // 2
-        _check(self.packed.numel() == want, f"NF4 packed codes hold {self.packed.numel()} bytes; shape {tuple(self.shape)} needs {want}")
-        _check(self.absmax.numel() == self.nblocks, f"NF4 absmax has {self.absmax.numel()} entries; {self.nblocks} blocks of {self.blocksize} expected")
+        _check(self.packed.numel() == want, f"NF4 packed codes hold {self.packed.numel()} bytes; shape "
+                                            f"{tuple(self.shape)} needs {want}")
+        _check(self.absmax.numel() == self.nblocks, f"NF4 absmax has {self.absmax.numel()} entries; {self.nblocks} "
+                                                    f"blocks of {self.blocksize} expected")
         if self.double_quant:
-            _check(self.absmax.dtype == torch.uint8, f"double-quantized absmax must be uint8 codes, got {self.absmax.dtype}")
+            _check(self.absmax.dtype == torch.uint8, f"double-quantized absmax must be uint8 codes, got "
+                                                     f"{self.absmax.dtype}")
             nn = -(-self.nblocks // NESTED_BLOCKSIZE)
-            _check(self.nested_absmax.numel() == nn, f"nested absmax has {self.nested_absmax.numel()} entries; {nn} expected")
+            _check(self.nested_absmax.numel() == nn, f"nested absmax has {self.nested_absmax.numel()} entries; "
+                                                     f"{nn} expected")
             _check(self.nested_offset is not None, "double-quantized NF4 weight lacks its nested offset")
         else:
-            _check(self.absmax.dtype == torch.float32, f"NF4 absmax must be fp32 (or uint8 with double quantization), got {self.absmax.dtype}")
+            _check(self.absmax.dtype == torch.float32, f"NF4 absmax must be fp32 (or uint8 with double "
+                                                       f"quantization), got {self.absmax.dtype}")
 
     def to(self, device) -> "NF4Weight":
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -180,7 +188,8 @@ class NF4Weight:
         if quant_state.nested:
             s2 = quant_state.state2
             if s2.blocksize != NESTED_BLOCKSIZE or not torch.equal(s2.code.cpu(), DYNAMIC_CODE):
-                raise ValueError("unsupported bitsandbytes double quantization (expected the dynamic code with blocks of 256)")
+                raise ValueError("unsupported bitsandbytes double quantization (expected the dynamic code with "
+                                 "blocks of 256)")
             nested_absmax, nested_offset = s2.absmax.float(), quant_state.offset
         return cls(packed, quant_state.absmax, quant_state.shape, quant_state.dtype, quant_state.blocksize,
                    nested_absmax, nested_offset)
@@ -196,8 +205,10 @@ class NF4Weight:
         if self.double_quant:
             out[f"{prefix}.nested_absmax"] = self.nested_absmax
             out[f"{prefix}.nested_quant_map"] = DYNAMIC_CODE.to(self.device).clone()
-            meta.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=float(self.nested_offset))
-        out[f"{prefix}.quant_state.bitsandbytes__nf4"] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+            meta.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32",
+                        nested_offset=float(self.nested_offset))
+        packed_meta = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+        out[f"{prefix}.quant_state.bitsandbytes__nf4"] = packed_meta
         return out
 
     @classmethod
@@ -223,5 +234,9 @@ class NF4Weight:
             if int(meta.get("nested_blocksize", NESTED_BLOCKSIZE)) != NESTED_BLOCKSIZE:
                 raise ValueError(f"{prefix}: nested blocksize {meta['nested_blocksize']} is not supported (256 only)")
             nested_offset = torch.tensor(meta["nested_offset"], dtype=torch.float32, device=nested_absmax.device)
-        return cls(need(prefix), need(f"{prefix}.absmax"), meta["shape"], getattr(torch, meta["dtype"]),
+        packed = need(prefix)
+        if packed.dtype != torch.uint8:
+            # bnb_4bit_quant_storage: the codes stored in another dtype; the bytes are the same
+            packed = packed.contiguous().view(torch.uint8)
+        return cls(packed, need(f"{prefix}.absmax"), meta["shape"], getattr(torch, meta["dtype"]),
                    meta["blocksize"], nested_absmax, nested_offset)

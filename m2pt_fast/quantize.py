@@ -98,12 +98,15 @@ class NF4Linear(nn.Module):
         self.register_buffer("weight_packed", torch.empty((n + 1) // 2, dtype=torch.uint8, device=device))
         if double_quant:
             self.register_buffer("weight_absmax", torch.empty(nblocks, dtype=torch.uint8, device=device))
-            self.register_buffer("weight_nested_absmax", torch.empty(-(-nblocks // 256), dtype=torch.float32, device=device))
+            nested = torch.empty(-(-nblocks // 256), dtype=torch.float32, device=device)
+            self.register_buffer("weight_nested_absmax", nested)
             self.register_buffer("weight_nested_offset", torch.empty((), dtype=torch.float32, device=device))
         else:
             self.register_buffer("weight_absmax", torch.empty(nblocks, dtype=torch.float32, device=device))
             self.weight_nested_absmax = self.weight_nested_offset = None
-        self.bias = nn.Parameter(torch.empty(out_features, dtype=weight_dtype, device=device), requires_grad=False) if bias else None
+        self.bias = None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=weight_dtype, device=device), requires_grad=False)
 
     @classmethod
     def from_nf4(cls, q: NF4Weight, bias: Optional[torch.Tensor] = None) -> "NF4Linear":
@@ -127,6 +130,12 @@ class NF4Linear(nn.Module):
         self.weight_packed, self.weight_absmax = q.packed, q.absmax
         if q.double_quant:
             self.weight_nested_absmax, self.weight_nested_offset = q.nested_absmax, q.nested_offset
+
+    @property
+    def logical_numel(self) -> int:
+        """Weight elements represented (the packed buffer holds half as many bytes): for parameter
+        counts, which do not see buffers."""
+        return self.in_features * self.out_features
 
     def nf4_weight(self) -> NF4Weight:
         return NF4Weight(self.weight_packed, self.weight_absmax, (self.out_features, self.in_features),
@@ -250,7 +259,8 @@ def save_quantized(model: nn.Module, directory) -> Path:
         seen[key] = name
         tensors[name] = t.detach().contiguous().cpu()
     layers = {n: {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None,
-                  "blocksize": m.blocksize, "double_quant": m.double_quant, "dtype": str(m.weight_dtype).replace("torch.", "")}
+                  "blocksize": m.blocksize, "double_quant": m.double_quant,
+                  "dtype": str(m.weight_dtype).replace("torch.", "")}
               for n, m in model.named_modules() if isinstance(m, NF4Linear)}
     meta = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "model_class": type(model).__name__,
             "nf4_layers": json.dumps(layers), "aliases": json.dumps(aliases)}
@@ -288,7 +298,8 @@ def _open_safetensors(path: Path):
     try:
         return safe_open(str(path), framework="pt", device="cpu")
     except Exception as exc:  # safetensors raises its own error types for a truncated/corrupt header
-        raise ValueError(f"cannot read {path}: {exc} (truncated or corrupt checkpoint? re-download or re-save it)") from exc
+        raise ValueError(f"cannot read {path}: {exc} (truncated or corrupt checkpoint? re-download or re-save "
+                         f"it)") from exc
 
 
 def _shards(directory: Path) -> list:
@@ -311,7 +322,8 @@ def _read_tensors(path: Path) -> Iterator[tuple]:
             try:
                 yield key, f.get_tensor(key)
             except Exception as exc:
-                raise ValueError(f"cannot read tensor {key!r} from {path}: {exc} (truncated or corrupt checkpoint?)") from exc
+                raise ValueError(f"cannot read tensor {key!r} from {path}: {exc} (truncated or corrupt "
+                                 f"checkpoint?)") from exc
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -320,7 +332,8 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     if leaf in module._parameters:
         old = module._parameters[leaf]
         if old is not None and old.shape != tensor.shape:
-            raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, the model expects {tuple(old.shape)}")
+            raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, the model expects "
+                             f"{tuple(old.shape)}")
         module._parameters[leaf] = nn.Parameter(tensor, requires_grad=old.requires_grad if old is not None else False)
     elif leaf in module._buffers:
         module._buffers[leaf] = tensor
@@ -329,10 +342,12 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 
 
 def _check_complete(model: nn.Module, source) -> None:
-    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t is not None and t.device.type == "meta"]
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    missing = [n for n, t in tensors if t is not None and t.device.type == "meta"]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ValueError(f"checkpoint {source} is incomplete: no values for {shown} (truncated download or wrong model?)")
+        raise ValueError(f"checkpoint {source} is incomplete: no values for {shown} (truncated download or wrong "
+                         f"model?)")
 
 
 def _nf4_layer(model: nn.Module, name: str, spec: dict) -> NF4Linear:
@@ -363,7 +378,8 @@ def load_quantized(directory, config: Optional[QuantizeConfig] = None, *, model_
         qc = config_dict.get("quantization_config") or {}
         if qc.get("quant_method") == "bitsandbytes" and (qc.get("load_in_4bit") or qc.get("_load_in_4bit")):
             if qc.get("bnb_4bit_quant_type", "fp4") != "nf4":
-                raise ValueError(f"{directory} is a bitsandbytes {qc.get('bnb_4bit_quant_type')} checkpoint; only nf4 loads")
+                raise ValueError(f"{directory} is a bitsandbytes {qc.get('bnb_4bit_quant_type')} checkpoint; only "
+                                 f"nf4 loads")
             model = _load_bnb(shards, config_dict, model_class)
         elif qc:
             raise ValueError(f"{directory}: quantization_config {qc.get('quant_method')!r} is not supported")
@@ -418,7 +434,11 @@ def _load_bnb(shards: list, config_dict: dict, model_class: Optional[str]) -> nn
         for key, tensor in _read_tensors(shard):
             match = re.match(r"^(.*)\.weight(\..*)?$", key)
             layer = _rename(match.group(1) + ".weight", known)[: -len(".weight")] if match else None
-            if match and layer in linears and (match.group(2) or tensor.dtype == torch.uint8):
+            # a quantized layer's `weight` holds packed codes, shape (bytes, 1), uint8 or another
+            # dtype (bnb_4bit_quant_storage); its `weight.*` keys hold the statistics
+            packed = match and not match.group(2) and tensor.dim() == 2 and tensor.shape[1] == 1 and (
+                tensor.dtype == torch.uint8 or (layer in linears and linears[layer].in_features != 1))
+            if match and layer in linears and (match.group(2) or packed):
                 pending.setdefault(layer, {})["weight" + (match.group(2) or "")] = tensor
                 continue
             _assign(model, _rename(key, known), tensor)

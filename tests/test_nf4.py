@@ -84,7 +84,8 @@ def test_quantize_is_byte_identical_to_bitsandbytes(shape, dtype, double_quant):
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_quantize_other_blocksizes(blocksize, double_quant):
     w = _weight((70, 300), seed=blocksize)
-    packed, qs = bnb_functional.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4")
+    packed, qs = bnb_functional.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant,
+                                              quant_type="nf4")
     q = nf4_quantize_reference(w, blocksize, double_quant)
     assert torch.equal(q.packed, packed.view(-1)) and torch.equal(q.absmax, qs.absmax)
     assert torch.equal(nf4_dequantize_reference(q), bnb_dequantize(packed, qs))
@@ -165,7 +166,8 @@ def test_sqnr_is_what_nf4_gives():
 def test_triton_dequantize_is_exact(shape, blocksize, dtype, double_quant):
     dev = "cuda" if CUDA else "cpu"
     q = nf4_quantize_reference(_weight(shape, seed=1), blocksize, double_quant).to(dev)
-    out = nf4_ops._launch_dequantize(q, dtype)
+    poisoned = torch.full(q.shape, float("nan"), dtype=dtype, device=dev)
+    out = nf4_ops._launch_dequantize(q, dtype, out=poisoned)
     assert torch.equal(out, nf4_dequantize_reference(q, dtype))
 
 
@@ -179,14 +181,15 @@ def test_triton_fused_linear_matches_reference(M, N, K, dtype, double_quant):
     g = torch.Generator().manual_seed(N)
     x = torch.randn(M, K, generator=g).to(dev, dtype)
     bias = torch.randn(N, generator=g).to(dev, dtype)
-    out = nf4_ops._launch_fused_linear(x, q, bias)
+    poisoned = torch.full((M, N), float("nan"), dtype=dtype, device=dev)
+    out = nf4_ops._launch_fused_linear(x, q, bias, out=poisoned)
     ref = nf4_linear_reference(x.float(), q, bias.float()).to(dtype)
     atol, rtol = LINEAR_TOL[dtype]
     torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
 
 
 # ---- nf4_linear: forward and input gradient on every path ---------------------------------------------
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("lead", [(1,), (2, 3), (40,)])  # M = 1 and 6 take the fused path, 40 the dequant path
 def test_nf4_linear_output_and_input_gradient(lead, dtype):
     dev = "cuda" if CUDA else "cpu"
@@ -236,7 +239,8 @@ def test_cuda_bf16_linear(M):
     y_ref = x_ref @ w.T
     y_ref.backward(dy.float())
     atol, rtol = LINEAR_TOL[torch.bfloat16]
-    torch.testing.assert_close(y, y_ref.bfloat16(), atol=atol * 4, rtol=rtol)  # K=512 terms: bf16 output ulp near |y|~20
+    # K=512 terms: |y| ~ 20, where one bf16 ulp is 0.125
+    torch.testing.assert_close(y, y_ref.bfloat16(), atol=atol * 4, rtol=rtol)
     torch.testing.assert_close(x.grad, x_ref.grad.bfloat16(), atol=atol * 4, rtol=rtol)
     assert torch.equal(nf4_dequantize(q, torch.bfloat16), nf4_dequantize_reference(q, torch.bfloat16))
 
@@ -283,7 +287,8 @@ needs_native = pytest.mark.skipif(not _native.available(), reason=_native.descri
 @needs_native
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape,blocksize", [((113, 203), 64), ((3, 5), 64), ((300, 130), 64), ((70, 300), 256), ((1, 7), 32)])
+@pytest.mark.parametrize("shape,blocksize",
+                         [((113, 203), 64), ((3, 5), 64), ((300, 130), 64), ((70, 300), 256), ((1, 7), 32)])
 def test_native_is_byte_identical_to_reference(shape, blocksize, dtype, double_quant):
     w = _weight(shape, dtype, seed=shape[0])
     ref = nf4_quantize_reference(w, blocksize, double_quant)
@@ -293,3 +298,114 @@ def test_native_is_byte_identical_to_reference(shape, blocksize, dtype, double_q
         assert torch.equal(nat.nested_absmax, ref.nested_absmax) and torch.equal(nat.nested_offset, ref.nested_offset)
     for out_dtype in (torch.float32, torch.bfloat16, torch.float16):
         assert torch.equal(_native.dequantize(ref, out_dtype), nf4_dequantize_reference(ref, out_dtype))
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_recompute_and_backward_share_one_dequantization(monkeypatch, checkpointed, reentrant):
+    # forward dequantizes once; with checkpointing the recompute dequantizes again and the backward
+    # reuses that copy, so both cases cost two dequantizations per step
+    q = nf4_quantize(_weight((24, 64), seed=9))
+    calls = []
+    real = nf4_ops._dense
+    monkeypatch.setattr(nf4_ops, "_dense", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(nf4_ops.FUSED_MAX_M + 8, 64, requires_grad=True)
+
+    def layer(inp):
+        return torch.tanh(nf4_linear(inp, q))
+
+    if checkpointed:
+        y = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=reentrant)
+    else:
+        y = layer(x)
+        assert not y.grad_fn.next_functions[0][0].keeps_dense  # a plain forward saves no dense copy
+    y.sum().backward()
+    assert len(calls) == 2
+    expected = torch.autograd.grad(torch.tanh(x @ nf4_dequantize_reference(q).T).sum(), x)[0]
+    torch.testing.assert_close(x.grad, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_native_library_can_be_turned_off():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    kernels_dir = Path(nf4_ops.__file__).resolve().parent
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('m2pt_kernels', {str(kernels_dir / '__init__.py')!r}, "
+        f"submodule_search_locations=[{str(kernels_dir)!r}])\n"
+        "m = importlib.util.module_from_spec(spec); sys.modules['m2pt_kernels'] = m; spec.loader.exec_module(m)\n"
+        "from m2pt_kernels import _native; print(_native.available(), _native.describe())\n"
+    )
+    env = dict(os.environ, M2PT_NATIVE="0", TRITON_INTERPRET="0")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env, cwd="/")
+    assert out.stdout.startswith("False NF4 CPU path: PyTorch reference (turned off by M2PT_NATIVE=0)")
+
+
+COMPILE_FOR_SM90 = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import m2pt_kernels
+ops = sys.modules["m2pt_kernels.nf4"]
+target = GPUTarget("cuda", 90, 32)
+options = dict(num_warps=4, enable_fp_fusion=False)  # what the launchers pass
+for double_quant in (False, True):
+    absmax = "*u8" if double_quant else "*fp32"
+    stats = dict(packed_ptr="*u8", absmax_ptr=absmax, nested_ptr="*fp32", offset_ptr="*fp32", dyn_ptr="*fp32",
+                 code_ptr="*fp32")
+    for out in ("bf16", "fp16", "fp32"):
+        signature = dict(stats, out_ptr="*" + out, n="i64", nbytes="i64",
+                         BLOCKSIZE="constexpr", DOUBLE_QUANT="constexpr", BLOCK="constexpr")
+        constexprs = dict(BLOCKSIZE=64, DOUBLE_QUANT=double_quant, BLOCK=ops._DEQUANT_BLOCK)
+        compiled = triton.compile(ASTSource(ops._nf4_dequant_kernel, signature, constexprs), target=target,
+                                  options=options)
+        # bitsandbytes rounds dyn[q] * nested and + offset separately; a fused multiply-add would not
+        assert "fma" not in compiled.asm["ptx"], "FMA in the dequantize kernel: bytes would differ"
+    for dtype in ("bf16", "fp16"):
+        signature = dict(x_ptr="*" + dtype, **stats, bias_ptr="*" + dtype, out_ptr="*" + dtype,
+                         stride_x_m="i32", stride_x_k="i32", stride_out_m="i32", stride_out_n="i32",
+                         M="i32", N="i32", K="i32", BLOCKSIZE="constexpr", DOUBLE_QUANT="constexpr",
+                         HAS_BIAS="constexpr", BLOCK_M="constexpr", BLOCK_N="constexpr", BLOCK_K="constexpr")
+        constexprs = dict(BLOCKSIZE=64, DOUBLE_QUANT=double_quant, HAS_BIAS=True, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64)
+        triton.compile(ASTSource(ops._nf4_fused_linear_kernel, signature, constexprs), target=target, options=options)
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(CUDA, reason="with a GPU the other tests compile and run the kernels")
+def test_kernels_compile_for_sm90(tmp_path):
+    """The interpreter never type-checks a kernel; triton's real compiler (sm_90 PTX and cubin through
+    its bundled ptxas) does, without a GPU. A subprocess: this process's kernels are interpreted."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.backends.nvidia")
+    kernels_dir = Path(nf4_ops.__file__).resolve().parent
+    setup = ("import importlib.util, sys\n"
+             f"spec = importlib.util.spec_from_file_location('m2pt_kernels', {str(kernels_dir / '__init__.py')!r}, "
+             f"submodule_search_locations=[{str(kernels_dir)!r}])\n"
+             "module = importlib.util.module_from_spec(spec); sys.modules['m2pt_kernels'] = module\n"
+             "spec.loader.exec_module(module)\n")
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
+    result = subprocess.run([sys.executable, "-c", setup + COMPILE_FOR_SM90], capture_output=True, text=True,
+                            env=env, cwd=tmp_path)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+
+
+def test_bnb_quant_storage_in_another_dtype():
+    # bitsandbytes can store the packed codes as e.g. bf16 (bnb_4bit_quant_storage); same bytes
+    w = _weight((40, 64), seed=13)
+    packed, qs = bnb_functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4",
+                                              quant_storage=torch.bfloat16)
+    assert packed.dtype == torch.bfloat16
+    tensors = {f"weight.{k}": v for k, v in qs.as_dict(packed=True).items()}
+    tensors["weight"] = packed
+    q = NF4Weight.from_bnb_state_dict(tensors, "weight")
+    assert torch.equal(q.packed, nf4_quantize_reference(w).packed)
+    assert torch.equal(NF4Weight.from_bnb(packed, qs).packed, q.packed)

@@ -135,7 +135,8 @@ def test_save_load_round_trip(fp_model, inputs, tmp_path, double_quant):
 
 
 def test_float_checkpoint_is_quantized_while_streaming(fp_model, inputs, tmp_path):
-    fp_model.save_pretrained(tmp_path)
+    fp_model.save_pretrained(tmp_path, max_shard_size="100KB")  # several shards and an index
+    assert (tmp_path / "model.safetensors.index.json").is_file()
     loaded = load_quantized(tmp_path)
     expected = _clone(fp_model)
     quantize_model(expected)
@@ -165,6 +166,7 @@ def _save_with_bitsandbytes(model, directory, double_quant=True):
     tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     config = model.config.to_dict()
+    config["architectures"] = [type(model).__name__]  # as save_pretrained records it
     config["quantization_config"] = {
         "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
         "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": double_quant,
@@ -239,3 +241,39 @@ def test_apply_m2pt_on_a_quantized_model(fp_model, inputs):
     assert all(p.grad is not None for p in model.projector.parameters())
     # nothing inside the NF4 layers trains
     assert not any(p.requires_grad for m in llava.modules() if isinstance(m, NF4Linear) for p in m.parameters())
+
+
+def test_gradient_checkpointing_on_a_quantized_model(fp_model, inputs):
+    from m2pt_fast import apply_m2pt
+
+    llava = _clone(fp_model)
+    quantize_model(llava)
+    model = apply_m2pt(llava, 2, 3, backend="fused")
+    ids, pixels, labels = inputs["input_ids"], inputs["pixel_values"], inputs["labels"]
+    model.train()
+    model(ids, pixels, labels=labels).loss.backward()
+    plain = model.text_prompts.grad.clone()
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    model(ids, pixels, labels=labels).loss.backward()
+    torch.testing.assert_close(model.text_prompts.grad, plain, rtol=1e-5, atol=1e-7)
+
+
+def test_bitsandbytes_checkpoint_errors(fp_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _save_with_bitsandbytes(fp_model, tmp_path)
+    config_path = tmp_path / "config.json"
+    config = json.loads(config_path.read_text())
+    config["quantization_config"]["bnb_4bit_quant_type"] = "fp4"
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="fp4.*only nf4"):
+        load_quantized(tmp_path)
+    config["quantization_config"]["bnb_4bit_quant_type"] = "nf4"
+    config_path.write_text(json.dumps(config))
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    (key,) = [k for k in tensors if k.endswith("layers.0.self_attn.q_proj.weight.nested_absmax") and "language" in k]
+    del tensors[key]
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(KeyError, match="nested_absmax"):
+        load_quantized(tmp_path)

@@ -32,7 +32,8 @@ def check_quantizable(w: torch.Tensor, blocksize: int) -> None:
     if w.numel() == 0:
         raise ValueError(f"nf4_quantize got an empty weight of shape {tuple(w.shape)}")
     if blocksize not in BLOCKSIZES:
-        raise ValueError(f"NF4 blocksize {blocksize} is not supported; use one of {BLOCKSIZES} (64 is bitsandbytes' default)")
+        raise ValueError(f"NF4 blocksize {blocksize} is not supported; use one of {BLOCKSIZES} (64 is "
+                         f"bitsandbytes' default)")
 
 
 def _blocks(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
@@ -88,7 +89,8 @@ def dynamic_lut(device="cpu") -> torch.Tensor:
     return torch.bucketize(grid, mids, right=False).to(torch.uint8).to(device)
 
 
-def quantize_blockwise_8bit_reference(x: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_blockwise_8bit_reference(x: torch.Tensor,
+                                      blocksize: int = NESTED_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic-code 8-bit blockwise quantization of a 1-D fp32 tensor: (codes uint8 (n,), absmax fp32)."""
     n = x.numel()
     blocks = _blocks(x.float(), blocksize)
