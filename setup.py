@@ -98,7 +98,7 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["m2pt_fast", "m2pt_kernels", "m2pt_kernels.reference"],
+    packages=["m2pt_fast", "m2pt_fast.data", "m2pt_kernels", "m2pt_kernels.reference"],
     package_dir={"m2pt_kernels": "kernels"},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from transformers import LlavaForConditionalGeneration
 from transformers.cache_utils import Cache
+from transformers.utils import ModelOutput
 
 from . import fused, reference
 from .generation import generate
@@ -52,12 +53,15 @@ class M2PTConfig:
 
 
 @dataclass
-class M2PTOutput:
+class M2PTOutput(ModelOutput):
     """`logits`: (B, T, V) for the text positions only (prompt positions removed), or None where the
-    fused backend was not asked for them (it skips full-vocabulary logits when training)."""
+    fused backend was not asked for them (it skips full-vocabulary logits when training).
 
-    loss: torch.Tensor | None
-    logits: torch.Tensor | None
+    A transformers ModelOutput (also a dict): DeepSpeed ZeRO-3 finds the tensors a module returns only
+    in tuples, lists and dicts, and re-gathers the prompts for backward through hooks on them."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
     past_key_values: Cache | None = None
 
 

@@ -36,11 +36,6 @@ class TrainableReport:
         return "\n".join(rows)
 
 
-def _numel(param) -> int:
-    # A quantized weight stores fewer elements than it represents; count what it represents.
-    return int(getattr(param, "logical_numel", param.numel()))
-
-
 def trainable_report(model) -> TrainableReport:
     """Trainable and total parameter counts of an M2PTLlava, by group (works on the meta device)."""
     projector = {id(p) for p in model.projector.parameters()}
@@ -57,8 +52,13 @@ def trainable_report(model) -> TrainableReport:
             group = "lm_head"
         else:
             group = "backbone"
-        count = _numel(param)
+        count = param.numel()
         report.groups[group].total += count
         if param.requires_grad:
             report.groups[group].trainable += count
+    # A quantized layer keeps its frozen weight in buffers (packed codes and statistics), which
+    # named_parameters does not see: count the weight elements it represents.
+    for module in model.modules():
+        if hasattr(type(module), "logical_numel"):
+            report.groups["backbone"].total += module.logical_numel
     return report

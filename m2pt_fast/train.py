@@ -140,12 +140,6 @@ def _texts_of_llava_json(path: str) -> list[str]:
     return texts
 
 
-def _output_as_dict(module, args, output):
-    if isinstance(output, dict):
-        return output
-    return {f.name: getattr(output, f.name) for f in dataclasses.fields(output)}
-
-
 class NonFiniteLoss(RuntimeError):
     pass
 
@@ -297,12 +291,6 @@ class M2PTRecipe:
         import deepspeed
 
         cfg = self.cfg
-        if self.zero_stage == 3:
-            # ZeRO-3 re-gathers a module's partitioned parameters for backward through hooks on the
-            # tensors its forward returns, and it finds tensors only in tuples, lists and dicts. The model
-            # returns a dataclass, so its own parameters (the prompts) would stay released in backward:
-            # hand DeepSpeed (whose hooks run after this one) the same output as a dict.
-            self.model.register_forward_hook(_output_as_dict)
         params = [p for p in self.model.parameters() if p.requires_grad]
         if offloads_optimizer(self.ds_config) and self.device.type == "cuda":
             from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -384,7 +372,7 @@ class M2PTRecipe:
         if self.bf16:
             inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
         output = self.engine(**inputs)
-        return output["loss"] if isinstance(output, dict) else output.loss
+        return output.loss
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         # Every rank must take the same decision, or the ones that go on would wait forever.

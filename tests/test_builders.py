@@ -54,3 +54,13 @@ def test_load_errors_name_the_problem(tmp_path):
     build_llava("tiny").config.save_pretrained(tmp_path / "config-only")
     with pytest.raises(FileNotFoundError, match="no weights"):
         load_llava(tmp_path / "config-only")
+
+
+def test_report_counts_quantized_weights_as_the_parameters_they_replace():
+    from m2pt_fast import quantize_model
+
+    dense = trainable_report(apply_m2pt(build_llava("tiny-gqa"), 2, 3))
+    llava = build_llava("tiny-gqa")
+    quantize_model(llava)
+    quantized = trainable_report(apply_m2pt(llava, 2, 3))
+    assert quantized.total == dense.total and quantized.trainable == dense.trainable
