@@ -26,3 +26,4 @@ if [ "${1:-}" = "dev" ]; then extras="$extras,dev"; fi
 echo "[setup] installing m2pt-fast[$extras]"
 DS_BUILD_OPS=0 "${PIP[@]}" -e ".[$extras]"
 "$PY" -c "import torch, m2pt_fast, m2pt_kernels; print(f'[setup] ok: torch {torch.__version__}, cuda {torch.cuda.is_available()}')"
+"$PY" -c "from m2pt_kernels import _native; print('[setup] NF4 on the CPU:', _native.describe())"
