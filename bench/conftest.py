@@ -69,7 +69,12 @@ def pytest_configure(config):
         folder = results_dir()
         folder.mkdir(parents=True, exist_ok=True)
         name = f"{RUN_INFO['date'][:10]}-{slug(RUN_INFO['device'])}-{RUN_INFO['commit'][:8]}.json"
-        config.option.benchmark_json = open(folder / name, "wb")
+        # pytest-benchmark < 5.3 takes an open binary file here, later versions a path.
+        from packaging.version import Version
+        from pytest_benchmark import __version__ as plugin_version
+
+        path = folder / name
+        config.option.benchmark_json = path if Version(plugin_version) >= Version("5.3") else open(path, "wb")
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
