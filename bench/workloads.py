@@ -15,7 +15,8 @@ from torch import nn
 
 from m2pt_fast import apply_m2pt, build_llava
 
-HEADLINE_RESULTS: dict[str, dict] = {}  # provider -> figures, filled by the step benches
+# provider -> {"steps": {"ckpt" | "no-ckpt": figures}, "max_microbatch_24gib": n}, filled by the benches
+HEADLINE_RESULTS: dict[str, dict] = {}
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,9 @@ def _bnb_quantize(llava, dtype: torch.dtype) -> None:
             setattr(part.get_submodule(parent) if parent else part, child, quantized.to(device))
 
 
-def build(provider: str, shape: StepShape, device: str):
-    """A trainable M²PT model and its optimizer, for provider "ours" or "baseline"."""
+def build(provider: str, shape: StepShape, device: str, checkpointing: bool = True):
+    """A trainable M²PT model and its optimizer, for provider "ours" or "baseline"; checkpointing
+    recomputes every layer in backward (ours: its fused layers; baseline: transformers' own)."""
     llava = build_llava(shape.model, device=device, dtype=shape.dtype)
     if provider == "ours":
         if shape.quant == "nf4":
@@ -92,10 +94,21 @@ def build(provider: str, shape: StepShape, device: str):
         model = apply_m2pt(llava, shape.num_prompts, shape.num_prompts, backend="reference")
     else:
         raise ValueError(f"unknown provider {provider!r}")
-    model.gradient_checkpointing_enable()
+    if checkpointing:
+        model.gradient_checkpointing_enable()
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=7e-4)
     return model, optimizer
+
+
+def headline_figures(results: dict) -> dict:
+    """Each side at its faster checkpointing choice (DESIGN.md §5: 'as each side chooses best')."""
+    steps = results.get("steps", {})
+    if not steps:
+        return {}
+    choice = max(steps, key=lambda variant: steps[variant]["samples_per_s"])
+    return {**steps[choice], "gradient_checkpointing": choice == "ckpt",
+            "max_microbatch_24gib": results.get("max_microbatch_24gib")}
 
 
 def train_step(model, optimizer, batch) -> float:
