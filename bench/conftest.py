@@ -77,6 +77,27 @@ def pytest_configure(config):
         config.option.benchmark_json = path if Version(plugin_version) >= Version("5.3") else open(path, "wb")
 
 
+@pytest.fixture(autouse=True)
+def derived_figures(request):
+    """After each bench: peak device memory, and TFLOP/s or GB/s from the median where the bench
+    recorded its useful `flops` or `bytes_moved` in extra_info."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    yield
+    bench = request.node.funcargs.get("benchmark")
+    if bench is None or getattr(bench, "stats", None) is None:
+        return
+    median = bench.stats.stats.median
+    info = bench.extra_info
+    if torch.cuda.is_available():
+        info.setdefault("peak_mem_bytes", torch.cuda.max_memory_allocated())
+    if median > 0 and isinstance(info.get("flops"), (int, float)):
+        info["tflops"] = info["flops"] / median / 1e12
+    if median > 0 and isinstance(info.get("bytes_moved"), (int, float)):
+        info["gb_per_s"] = info["bytes_moved"] / median / 1e9
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["m2pt"] = RUN_INFO
 

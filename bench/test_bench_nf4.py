@@ -89,7 +89,10 @@ def test_bench_nf4_dequantize(benchmark, weight, provider):
     else:
         q = nf4_quantize(w.cpu(), 64, True).to(DEVICE)
         fn = lambda: nf4_dequantize(q, DTYPE)  # noqa: E731
-    _info(benchmark, op="dequantize", weight=name, N=n, K=k, bytes_out=n * k * w.element_size())
+    # bytes moved: the dense output written, the packed codes (half a byte each) and the 8-bit
+    # double-quantized block scales (one per 64) read; the nested statistics are negligible
+    _info(benchmark, op="dequantize", weight=name, N=n, K=k, bytes_out=n * k * w.element_size(),
+          bytes_moved=n * k * w.element_size() + n * k // 2 + n * k // 64)
     _run(benchmark, fn)
 
 
@@ -125,6 +128,7 @@ def test_bench_nf4_linear(benchmark, weight, M, provider, pass_):
             forward().backward(dy)
 
     path = "fused" if (provider == "ours" and M <= nf4_ops.FUSED_MAX_M) else "dequantize+matmul"
-    _info(benchmark, op="linear", weight=name, M=M, N=n, K=k, pass_=pass_,
+    # fwd: 2·M·N·K; backward adds only the input gradient (another 2·M·N·K), never dW (frozen)
+    _info(benchmark, op="linear", weight=name, M=M, N=n, K=k, pass_=pass_, flops=(2 if pass_ == "fwd" else 4) * M * n * k,
           path=path if provider == "ours" else provider, fused_max_m=nf4_ops.FUSED_MAX_M)
     _run(benchmark, fn)
