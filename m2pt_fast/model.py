@@ -18,12 +18,15 @@ batch-shared prefix K/V inside attention and a loss over answer tokens only (m2p
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import LlavaForConditionalGeneration
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
@@ -100,6 +103,23 @@ class BackendSwitch:
         if value not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
         self._backend = value
+
+
+def set_gradient_checkpointing(root: nn.Module, every_n_layers: int | None) -> None:
+    """Turn activation checkpointing on for every n-th transformer layer under `root` (None: off).
+
+    Sets the flags transformers' GradientCheckpointingLayer reads, which the reference path runs
+    through and the fused path consults, rather than calling the model's own enable method: its name
+    and arguments changed within transformers 5 (activation_checkpointing_enable, every_n_layers).
+    """
+    if every_n_layers is not None and (isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int)
+                                       or every_n_layers < 1):
+        raise ValueError(f"every_n_layers must be a positive integer, got {every_n_layers!r}")
+    recompute = functools.partial(checkpoint, use_reentrant=False)
+    layers = [m for m in root.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = every_n_layers is not None and index % every_n_layers == 0
+        layer._gradient_checkpointing_func = recompute
 
 
 def xavier_uniform_per_layer(prompts: torch.Tensor) -> None:
@@ -200,12 +220,10 @@ class M2PTLlava(BackendSwitch, nn.Module):
 
     def gradient_checkpointing_enable(self, every_n_layers: int = 1) -> None:
         """Recompute every (n-th) vision and decoder layer in backward instead of storing activations."""
-        self.llava.activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": False}, every_n_layers=every_n_layers
-        )
+        set_gradient_checkpointing(self.llava, every_n_layers)
 
     def gradient_checkpointing_disable(self) -> None:
-        self.llava.activation_checkpointing_disable()
+        set_gradient_checkpointing(self.llava, None)
 
     @property
     def language_model(self):

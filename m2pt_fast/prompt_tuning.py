@@ -17,7 +17,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from . import fused, reference
 from .generation import generate
-from .model import BackendSwitch, M2PTConfig, M2PTOutput, text_forward, xavier_uniform_per_layer
+from .model import (BackendSwitch, M2PTConfig, M2PTOutput, set_gradient_checkpointing, text_forward,
+                    xavier_uniform_per_layer)
 
 
 def _prompt_parameter(layers: int, n: int, width: int, like: torch.Tensor) -> nn.Parameter:
@@ -39,6 +40,12 @@ class DeepVisionPrompts(BackendSwitch, nn.Module):
         config = vision_model.config
         self.prompts = _prompt_parameter(config.num_hidden_layers, num_prompts, config.hidden_size,
                                          self._tower.embeddings.patch_embedding.weight)
+
+    def gradient_checkpointing_enable(self, every_n_layers: int = 1) -> None:
+        set_gradient_checkpointing(self.vision_model, every_n_layers)
+
+    def gradient_checkpointing_disable(self) -> None:
+        set_gradient_checkpointing(self.vision_model, None)
 
     @property
     def _tower(self):
@@ -75,6 +82,12 @@ class DeepTextPrompts(BackendSwitch, nn.Module):
         config = causal_lm.config
         self.text_prompts = _prompt_parameter(config.num_hidden_layers, num_prompts, config.hidden_size,
                                               causal_lm.model.embed_tokens.weight)
+
+    def gradient_checkpointing_enable(self, every_n_layers: int = 1) -> None:
+        set_gradient_checkpointing(self.causal_lm, every_n_layers)
+
+    def gradient_checkpointing_disable(self) -> None:
+        set_gradient_checkpointing(self.causal_lm, None)
 
     @property
     def language_model(self):

@@ -106,3 +106,17 @@ def test_wrong_models_are_refused():
         DeepTextPrompts(clip())
     with pytest.raises(ValueError, match="non-negative"):
         DeepTextPrompts(llama(), -2)
+
+
+def test_checkpointing_keeps_the_gradients():
+    tuned = DeepTextPrompts(llama(4), 3).train()
+    ids = torch.randint(1, 97, (2, 9))
+    plain = grads_of(tuned, tuned(ids, labels=ids).loss)["text_prompts"]
+    tuned.gradient_checkpointing_enable()
+    assert all(layer.gradient_checkpointing for layer in tuned.causal_lm.model.layers)
+    recomputed = grads_of(tuned, tuned(ids, labels=ids).loss)["text_prompts"]
+    torch.testing.assert_close(recomputed, plain, rtol=1e-6, atol=1e-8)
+    tuned.gradient_checkpointing_disable()
+    assert not any(layer.gradient_checkpointing for layer in tuned.causal_lm.model.layers)
+    with pytest.raises(ValueError, match="positive integer"):
+        tuned.gradient_checkpointing_enable(every_n_layers=0)

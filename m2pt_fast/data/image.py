@@ -47,7 +47,20 @@ class ImagePreprocessor:
                 f"{config} not found: the model directory must carry its image processor config "
                 "(save it with processor.save_pretrained(dir) next to the model)"
             )
-        processor = AutoImageProcessor.from_pretrained(str(model_dir), local_files_only=True)
+        try:
+            processor = AutoImageProcessor.from_pretrained(str(model_dir), local_files_only=True)
+        except ImportError:
+            # Some transformers 5 releases build the default (torchvision) processor here and fail
+            # without torchvision; the PIL variant of the same class reads the same config.
+            import json
+
+            import transformers
+
+            kind = json.loads(config.read_text()).get("image_processor_type", "")
+            pil_class = getattr(transformers, kind.removesuffix("Fast") + "Pil", None)
+            if pil_class is None:
+                raise
+            processor = pil_class.from_pretrained(str(model_dir), local_files_only=True)
         return cls(processor, image_size)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
