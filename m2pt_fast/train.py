@@ -263,7 +263,7 @@ class M2PTRecipe:
         build = SampleBuilder(encoder, self.preprocess)
         self.skipped_at_start = 0
         if cfg.data_path:
-            records, report = load_llava_records(cfg.data_path, cfg.image_folder, encoder)
+            records, report = load_llava_records(cfg.data_path, cfg.image_folder, encoder, progress=self.rank == 0)
             self.skipped_at_start = report.total
             dataset = LlavaJsonDataset(records, build)
         else:

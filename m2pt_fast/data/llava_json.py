@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from .conversation import BadRecord, ConversationEncoder, IGNORE_INDEX
 from .image import ImagePreprocessor
@@ -62,10 +63,13 @@ class SampleBuilder:
 
 
 def load_llava_records(
-    data_path: str | Path, image_folder: str | Path | None, encoder: ConversationEncoder
+    data_path: str | Path, image_folder: str | Path | None, encoder: ConversationEncoder, *,
+    progress: bool = False,
 ) -> tuple[list[dict[str, Any]], SkipReport]:
     """The usable records of a LLaVA JSON file, and a report of the ones skipped.
 
+    Every record's conversation is encoded and its image header read, so that bad records are
+    dropped before training; `progress` shows a bar over that pass (large data sets take minutes).
     Raises ValueError when the file is unreadable or nothing in it is usable.
     """
     data_path = Path(data_path)
@@ -80,7 +84,7 @@ def load_llava_records(
     folder = Path(image_folder) if image_folder else data_path.parent
 
     records, report = [], SkipReport()
-    for position, entry in enumerate(entries):
+    for position, entry in enumerate(tqdm(entries, desc="checking records", unit="rec", disable=not progress)):
         where = f"{data_path.name}[{position}]"
         try:
             if not isinstance(entry, dict):
