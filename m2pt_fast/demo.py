@@ -11,10 +11,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import apply_m2pt, build_llava, load_prompts, save_prompts, trainable_report
+from . import apply_m2pt, build_llava, llava_config, load_prompts, save_prompts, trainable_report
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> tuple[float, float]:
+    """Returns the loss before and after the fitting steps."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--output_dir", default="outputs/demo")
@@ -22,7 +23,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
-    model = apply_m2pt(build_llava("tiny-gqa", seed=args.seed), num_vision_prompts=4, num_text_prompts=4)
+    config = llava_config("tiny-gqa")
+    # A random frozen lm_head at LLaMA's 0.02 init caps every logit near ±1.3, so no prompt could
+    # lower the loss much; 0.1 stands in for a trained model's larger weights (as the trainer's
+    # embedded model does).
+    config.text_config.initializer_range = 0.1
+    model = apply_m2pt(build_llava(config, seed=args.seed), num_vision_prompts=4, num_text_prompts=4, backend="fused")
     print(trainable_report(model))
 
     # One fixed batch: 4 images, each followed by 8 answer tokens the prompts must learn to produce.
@@ -55,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     path = save_prompts(model, Path(args.output_dir) / "prompts.safetensors")
     load_prompts(model, path)
     print(f"prompt file: {path} ({path.stat().st_size / 1024:.1f} KiB)")
+    return first, final
 
 
 if __name__ == "__main__":
