@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> tuple[float, float]:
     # lower the loss much; 0.1 stands in for a trained model's larger weights (as the trainer's
     # embedded model does).
     config.text_config.initializer_range = 0.1
-    model = apply_m2pt(build_llava(config, seed=args.seed), num_vision_prompts=4, num_text_prompts=4, backend="fused")
+    model = apply_m2pt(build_llava(config, seed=args.seed), num_vision_prompts=4, num_text_prompts=4,
+                       backend="fused")
     print(trainable_report(model))
 
     # One fixed batch: 4 images, each followed by 8 answer tokens the prompts must learn to produce.
