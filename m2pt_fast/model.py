@@ -68,10 +68,23 @@ class M2PTOutput(ModelOutput):
     past_key_values: Cache | None = None
 
 
-def _vision_tower_parts(llava: LlavaForConditionalGeneration):
-    tower = llava.model.vision_tower
-    # transformers 5 puts embeddings/encoder on CLIPVisionModel itself; earlier layouts nest them.
-    return getattr(tower, "vision_model", tower)
+def clip_parts(clip_model: nn.Module) -> nn.Module:
+    """The module holding a CLIPVisionModel's embeddings, pre_layrnorm and encoder."""
+    # transformers 5 puts them on CLIPVisionModel itself; earlier layouts nest them in .vision_model.
+    return getattr(clip_model, "vision_model", clip_model)
+
+
+def vision_states(model, tower: nn.Module, pixel_values: torch.Tensor, prompts: torch.Tensor,
+                  depth: int) -> list[torch.Tensor]:
+    """CLIP states after 0..depth encoder layers (prompt rows removed), by `model`'s backend.
+
+    tower: the clip_parts of a CLIPVisionModel; pixel_values (B, 3, H, W); prompts (>= depth, n, d).
+    """
+    hidden = tower.embeddings(pixel_values.to(tower.embeddings.patch_embedding.weight.dtype))
+    hidden = tower.pre_layrnorm(hidden)  # (B, 1 + patches, d)
+    if model.backend == "fused":
+        return fused.clip_states(tower, hidden, prompts, depth, model.training)
+    return reference.clip_states(tower, hidden, prompts, depth)
 
 
 def feature_layer_indices(llava: LlavaForConditionalGeneration) -> list[int]:
@@ -91,8 +104,19 @@ def feature_layer_indices(llava: LlavaForConditionalGeneration) -> list[int]:
     return indices
 
 
-class BackendSwitch:
-    """A `backend` attribute ("reference" or "fused") that can be switched between calls."""
+class PromptTuned:
+    """What every deep-prompt model here shares: a `backend` attribute ("reference" or "fused") that
+    can be switched between calls, and activation checkpointing of the frozen model's layers.
+    Subclasses name that model in `frozen_model`."""
+
+    frozen_model: nn.Module
+
+    def gradient_checkpointing_enable(self, every_n_layers: int = 1) -> None:
+        """Recompute every (n-th) transformer layer in backward instead of storing activations."""
+        set_gradient_checkpointing(self.frozen_model, every_n_layers)
+
+    def gradient_checkpointing_disable(self) -> None:
+        set_gradient_checkpointing(self.frozen_model, None)
 
     @property
     def backend(self) -> str:
@@ -132,7 +156,7 @@ def xavier_uniform_per_layer(prompts: torch.Tensor) -> None:
         prompts.uniform_(-bound, bound)
 
 
-class M2PTLlava(BackendSwitch, nn.Module):
+class M2PTLlava(PromptTuned, nn.Module):
     """A frozen LLaVA with deep visual prompts, deep textual prompts and a trainable projector.
 
     Parameters of its own:
@@ -148,7 +172,7 @@ class M2PTLlava(BackendSwitch, nn.Module):
         self.m2pt_config = config
         self.backend = backend
 
-        vision = _vision_tower_parts(llava)
+        vision = clip_parts(llava.model.vision_tower)
         text = llava.model.language_model
         self.feature_layers = feature_layer_indices(llava)
         strategy = llava.config.vision_feature_select_strategy
@@ -218,12 +242,9 @@ class M2PTLlava(BackendSwitch, nn.Module):
         patches = (vision.image_size // vision.patch_size) ** 2
         return patches + (1 if self.llava.config.vision_feature_select_strategy == "full" else 0)
 
-    def gradient_checkpointing_enable(self, every_n_layers: int = 1) -> None:
-        """Recompute every (n-th) vision and decoder layer in backward instead of storing activations."""
-        set_gradient_checkpointing(self.llava, every_n_layers)
-
-    def gradient_checkpointing_disable(self) -> None:
-        set_gradient_checkpointing(self.llava, None)
+    @property
+    def frozen_model(self) -> nn.Module:
+        return self.llava
 
     @property
     def language_model(self):
@@ -234,15 +255,9 @@ class M2PTLlava(BackendSwitch, nn.Module):
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values: (B_img, 3, H, W) -> projected features (B_img, image_seq_length, d_text)."""
         self._check_pixels(pixel_values)
-        vision = _vision_tower_parts(self.llava)
-        hidden = vision.embeddings(pixel_values.to(vision.embeddings.patch_embedding.weight.dtype))
-        hidden = vision.pre_layrnorm(hidden)  # (B, 1 + patches, d_v)
         # Layers after the deepest selected one cannot affect the features: they are never run.
-        depth = max(self.feature_layers)
-        if self.backend == "fused":
-            states = fused.clip_states(vision, hidden, self.vision_prompts, depth, self.training)
-        else:
-            states = reference.clip_states(vision, hidden, self.vision_prompts, depth)
+        states = vision_states(self, clip_parts(self.llava.model.vision_tower), pixel_values,
+                               self.vision_prompts, max(self.feature_layers))
         start = 1 if self.llava.config.vision_feature_select_strategy == "default" else 0  # drop CLS
         selected = torch.cat([states[k][:, start:] for k in self.feature_layers], dim=-1)
         return self.projector(selected)

@@ -15,9 +15,8 @@ from torch import nn
 from transformers import CLIPVisionModel, LlamaForCausalLM
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from . import fused, reference
 from .generation import generate
-from .model import (BackendSwitch, M2PTConfig, M2PTOutput, set_gradient_checkpointing, text_forward,
+from .model import (M2PTConfig, M2PTOutput, PromptTuned, clip_parts, text_forward, vision_states,
                     xavier_uniform_per_layer)
 
 
@@ -28,7 +27,7 @@ def _prompt_parameter(layers: int, n: int, width: int, like: torch.Tensor) -> nn
     return prompts
 
 
-class DeepVisionPrompts(BackendSwitch, nn.Module):
+class DeepVisionPrompts(PromptTuned, nn.Module):
     """VPT-deep: prompts (L, n, d) in every layer of a frozen CLIPVisionModel."""
 
     def __init__(self, vision_model: CLIPVisionModel, num_prompts: int = 10, *, backend: str = "fused"):
@@ -39,29 +38,17 @@ class DeepVisionPrompts(BackendSwitch, nn.Module):
         self.backend = backend
         config = vision_model.config
         self.prompts = _prompt_parameter(config.num_hidden_layers, num_prompts, config.hidden_size,
-                                         self._tower.embeddings.patch_embedding.weight)
-
-    def gradient_checkpointing_enable(self, every_n_layers: int = 1) -> None:
-        set_gradient_checkpointing(self.vision_model, every_n_layers)
-
-    def gradient_checkpointing_disable(self) -> None:
-        set_gradient_checkpointing(self.vision_model, None)
+                                         clip_parts(vision_model).embeddings.patch_embedding.weight)
 
     @property
-    def _tower(self):
-        return getattr(self.vision_model, "vision_model", self.vision_model)
+    def frozen_model(self) -> nn.Module:
+        return self.vision_model
 
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> BaseModelOutputWithPooling:
         """pixel_values (B, 3, H, W) -> last_hidden_state (B, 1 + patches, d) without prompt rows,
         pooler_output (B, d) (post-layernormed CLS), and every layer's state when asked."""
-        tower = self._tower
-        hidden = tower.embeddings(pixel_values.to(tower.embeddings.patch_embedding.weight.dtype))
-        hidden = tower.pre_layrnorm(hidden)  # (B, 1 + patches, d)
-        depth = len(tower.encoder.layers)
-        if self.backend == "fused":
-            states = fused.clip_states(tower, hidden, self.prompts, depth, self.training)
-        else:
-            states = reference.clip_states(tower, hidden, self.prompts, depth)
+        tower = clip_parts(self.vision_model)
+        states = vision_states(self, tower, pixel_values, self.prompts, len(tower.encoder.layers))
         last = states[-1]
         return BaseModelOutputWithPooling(
             last_hidden_state=last,
@@ -70,7 +57,7 @@ class DeepVisionPrompts(BackendSwitch, nn.Module):
         )
 
 
-class DeepTextPrompts(BackendSwitch, nn.Module):
+class DeepTextPrompts(PromptTuned, nn.Module):
     """Deep text prompts (L, n, d) before every decoder layer of a frozen LlamaForCausalLM."""
 
     def __init__(self, causal_lm: LlamaForCausalLM, num_prompts: int = 10, *, backend: str = "fused"):
@@ -83,11 +70,9 @@ class DeepTextPrompts(BackendSwitch, nn.Module):
         self.text_prompts = _prompt_parameter(config.num_hidden_layers, num_prompts, config.hidden_size,
                                               causal_lm.model.embed_tokens.weight)
 
-    def gradient_checkpointing_enable(self, every_n_layers: int = 1) -> None:
-        set_gradient_checkpointing(self.causal_lm, every_n_layers)
-
-    def gradient_checkpointing_disable(self) -> None:
-        set_gradient_checkpointing(self.causal_lm, None)
+    @property
+    def frozen_model(self) -> nn.Module:
+        return self.causal_lm
 
     @property
     def language_model(self):
