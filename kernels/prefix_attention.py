@@ -33,6 +33,12 @@ __all__ = ["prefix_attention"]
 # and the saved log-sum-exp is in base-2 units too.
 _LOG2E = 1.4426950408889634
 _MAX_HEAD_DIM = 256  # one (BLOCK, D) tile of q, k, v and the accumulator must fit in registers/SMEM
+# The tiles below need Ampere or newer: on Turing (sm_75, 64 KB of shared memory per block) Triton's
+# layouts for these dots take 96 KB at D = 128, so the launch would fail with OutOfResources, and
+# bf16 tensor cores start at sm_80. Older GPUs take the reference path (SDPA over the concatenation),
+# as flash-attn 2 also starts at sm_80. tests/test_prefix_attention.py compiles every tile for sm_86
+# (99 KB, the smallest budget from Ampere on) and sm_90 and checks the shared memory it needs.
+_MIN_CUDA_CAPABILITY = (8, 0)
 
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
@@ -377,6 +383,11 @@ def _tile_sizes(block_d: int, dtype: torch.dtype, device: torch.device) -> dict:
     return dict(fwd=(64, 32, 4, 2), dq=(32, 32, 4, 2), dkdv=(32, 32, 4, 2))
 
 
+def _kernel_runs_on(device: torch.device) -> bool:
+    """False on CUDA GPUs older than _MIN_CUDA_CAPABILITY, where the reference path runs instead."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= _MIN_CUDA_CAPABILITY
+
+
 def _prefix_tile(prefix_len: int, block_n: int) -> int:
     # P is usually small (10 prompts): one block just large enough instead of a full BLOCK_N,
     # so the prefix costs a 16-wide dot, not a 64-wide one.
@@ -630,8 +641,8 @@ def prefix_attention(
     Returns (B, Hq, N, D) in q's dtype. Differentiable in q, k, v, prefix_k and prefix_v; a shared
     prefix receives its gradient summed over the batch.
 
-    Runs the Triton kernels on CUDA tensors (and on fp16/fp32 CPU tensors under TRITON_INTERPRET=1),
-    the pure-PyTorch reference otherwise. Under torch.autocast, all five tensors are cast to the
+    Runs the Triton kernels on CUDA tensors of sm_80 (Ampere) or newer GPUs (and on fp16/fp32 CPU
+    tensors under TRITON_INTERPRET=1), the pure-PyTorch reference otherwise. Under torch.autocast, all five tensors are cast to the
     autocast dtype first. To torch.compile the kernel path is a single custom op.
     """
     if torch.is_autocast_enabled(q.device.type):
@@ -649,6 +660,7 @@ def prefix_attention(
         # The interpreter's bf16 tl.dot returns garbage: bf16 on CPU always takes the reference.
         and not (q.device.type == "cpu" and q.dtype == torch.bfloat16)
         and use_triton(q, k, v, prefix_k, prefix_v, kv_lens)
+        and _kernel_runs_on(q.device)
     )
     if not on_kernel:
         return prefix_attention_reference(

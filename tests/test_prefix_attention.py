@@ -9,6 +9,7 @@ that N = 17, 33, 37 and P = 20 still cross block boundaries.
 """
 import importlib
 import os
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -384,59 +385,92 @@ def test_bad_inputs_raise_value_error(make_args, match):
         prefix_attention(**make_args())
 
 
-COMPILE_FOR_SM90 = r"""
-import os, sys, torch, triton
+COMPILE_FOR_GPUS = r"""
+import sys, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import m2pt_kernels
 kernels = sys.modules["m2pt_kernels.prefix_attention"]
-for dtype, triton_dtype, block_d in [(torch.bfloat16, "bf16", 128), (torch.float16, "fp16", 64)]:
-    tiles = kernels._tile_sizes(block_d, dtype, torch.device("cuda"))
-    for fn, tile in [(kernels._prefix_attention_fwd_kernel, tiles["fwd"]),
-                     (kernels._prefix_attention_bwd_dq_kernel, tiles["dq"]),
-                     (kernels._prefix_attention_bwd_dkdv_kernel, tiles["dkdv"])]:
-        constexprs = dict(CAUSAL=True, HAS_KV_LENS=True, BLOCK_M=tile[0], BLOCK_N=tile[1], BLOCK_D=block_d,
-                          DOT_PRECISION="tf32")
-        if "BLOCK_P" in fn.arg_names:
-            constexprs["BLOCK_P"] = 16
-        signature = {}
-        for name in fn.arg_names:
-            if name in constexprs:
-                signature[name] = "constexpr"
-            elif name in ("LSE", "DELTA"):
-                signature[name] = "*fp32"
-            elif name == "KV_LENS":
-                signature[name] = "*i64"
-            elif name.isupper():
-                signature[name] = "*" + triton_dtype
-            else:
-                signature[name] = "fp32" if name.endswith("scale") else "i32"
-        triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=tile[2], num_stages=tile[3]))
-print("compiled")
+# Shared memory per block (opt-in maximum, bytes): sm_86 stands for the 99 KB of sm_86, sm_89 and
+# sm_120 (one tensor-core path in Triton); sm_80 has 163 KB and sm_86's layouts; sm_90 (wgmma) 227 KB.
+# Head dims are the largest of each tile bucket (33-64, 65-128, 129-256 share tiles); fp16 takes the
+# tiles and layouts of bf16, so it is compiled once, for sm_90.
+budgets = {86: 99 * 1024, 90: 227 * 1024}
+cases = {86: [("bf16", 64), ("bf16", 128), ("bf16", 256), ("fp32", 128), ("fp32", 256)],
+         90: [("bf16", 128), ("bf16", 256), ("fp16", 64), ("fp32", 128)]}
+dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+too_big = []
+for capability, budget in budgets.items():
+    for triton_dtype, block_d in cases[capability]:
+        dtype = dtypes[triton_dtype]
+        tiles = kernels._tile_sizes(block_d, dtype, torch.device("cuda"))
+        for fn, tile in [(kernels._prefix_attention_fwd_kernel, tiles["fwd"]),
+                         (kernels._prefix_attention_bwd_dq_kernel, tiles["dq"]),
+                         (kernels._prefix_attention_bwd_dkdv_kernel, tiles["dkdv"])]:
+            constexprs = dict(CAUSAL=True, HAS_KV_LENS=True, BLOCK_M=tile[0], BLOCK_N=tile[1],
+                              BLOCK_D=block_d, DOT_PRECISION=kernels._dot_precision(dtype))
+            if "BLOCK_P" in fn.arg_names:
+                constexprs["BLOCK_P"] = tile[1]  # the largest prefix tile a launcher picks
+            signature = {}
+            for name in fn.arg_names:
+                if name in constexprs:
+                    signature[name] = "constexpr"
+                elif name in ("LSE", "DELTA"):
+                    signature[name] = "*fp32"
+                elif name == "KV_LENS":
+                    signature[name] = "*i64"
+                elif name.isupper():
+                    signature[name] = "*" + triton_dtype
+                else:
+                    signature[name] = "fp32" if name.endswith("scale") else "i32"
+            compiled = triton.compile(ASTSource(fn, signature, constexprs),
+                                      target=GPUTarget("cuda", capability, 32),
+                                      options=dict(num_warps=tile[2], num_stages=tile[3]))
+            if compiled.metadata.shared > budget:
+                too_big.append(f"sm_{capability} {triton_dtype} D<={block_d} {fn.__name__} {tile}: "
+                               f"{compiled.metadata.shared} B of shared memory > {budget}")
+print("\n".join(too_big) if too_big else "compiled")
 """
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(HAS_CUDA, reason="with a GPU the other tests compile and run the kernels")
-def test_kernels_compile_for_sm90(tmp_path):
-    """The interpreter never type-checks a kernel; the real compiler (to sm_90 PTX and cubin via the
-    ptxas bundled with triton) does, and needs no GPU. Runs in a subprocess because the kernels in
-    this process were built for the interpreter."""
+def test_kernels_compile_and_fit_shared_memory_from_sm80():
+    """The interpreter never type-checks a kernel, nor says whether a tile fits a GPU's shared memory
+    (a launch that does not fails with OutOfResources). Triton's real compiler (to PTX and cubin
+    through its bundled ptxas) does both without a GPU: every tile the launchers pick, in every dtype,
+    for sm_86 (the smallest budget the kernel path runs on) and sm_90. A subprocess, because the
+    kernels in this process were built for the interpreter."""
+    pytest.importorskip("triton.backends.nvidia")
+    result = _run_compiler(COMPILE_FOR_GPUS)
+    assert result.returncode == 0 and result.stdout.strip().endswith("compiled"), (
+        result.stdout[-3000:] + result.stderr[-3000:])
+
+
+def _run_compiler(script: str):
     import subprocess
     import sys
+    import tempfile
     from pathlib import Path
 
-    pytest.importorskip("triton.backends.nvidia")
     root = Path(__file__).resolve().parents[1]
     setup = (f"import importlib.util, sys; spec = importlib.util.spec_from_file_location('m2pt_kernels', "
              f"{str(root / 'kernels' / '__init__.py')!r}, submodule_search_locations=[{str(root / 'kernels')!r}]); "
              f"module = importlib.util.module_from_spec(spec); sys.modules['m2pt_kernels'] = module; "
              f"spec.loader.exec_module(module)\n")
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
-    result = subprocess.run([sys.executable, "-c", setup + COMPILE_FOR_SM90], capture_output=True, text=True,
-                            env=env, cwd=tmp_path)
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=cache)
+        return subprocess.run([sys.executable, "-c", setup + script], capture_output=True, text=True,
+                              env=env, cwd=cache)
+
+
+@pytest.mark.parametrize("capability, runs_kernel", [((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_pre_ampere_gpus_take_the_reference(monkeypatch, capability, runs_kernel):
+    """Turing cannot fit the tiles (see _MIN_CUDA_CAPABILITY): it must get the reference, not a failed launch."""
+    kernels = sys.modules["m2pt_kernels.prefix_attention"]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert kernels._kernel_runs_on(torch.device("cuda", 0)) is runs_kernel
+    assert kernels._kernel_runs_on(torch.device("cpu")) is True
 
 
 def test_public_api():
