@@ -30,3 +30,13 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     if devices == {"cpu"}:
         return interpreter_enabled() and triton_available()
     return False
+
+
+def prepare_launch() -> None:
+    """Call right before launching a kernel: under the interpreter, checks once that this triton and
+    numpy can run the kernels and works around it where they cannot (see _interpreter.py). Launchers
+    call it, not use_triton(): torch.compile traces use_triton() but not the custom ops' insides."""
+    if interpreter_enabled():
+        from . import _interpreter  # defines a jitted probe, so only once the interpreter is known on
+
+        _interpreter.prepare()

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from ._dispatch import interpreter_enabled, use_triton
+from ._dispatch import interpreter_enabled, prepare_launch, use_triton
 from .reference.attention import prefix_attention_reference
 
 try:
@@ -425,6 +425,7 @@ def _forward(
     lse = _new_output((batch, heads_q, seq_len), torch.float32, q.device)  # (B, Hq, N)
     if out.numel() == 0:
         return out, lse
+    prepare_launch()
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_m, block_n, num_warps, num_stages = _tile_sizes(block_d, q.dtype, q.device)["fwd"]
     grid = (triton.cdiv(seq_len, block_m), batch * heads_q)
@@ -463,6 +464,7 @@ def _backward(
     dprefix_k = _new_output((batch, heads_kv, prefix_len, head_dim), torch.float32, q.device)  # (B, Hkv, P, D)
     dprefix_v = _new_output((batch, heads_kv, prefix_len, head_dim), torch.float32, q.device)
     if q.numel() > 0:
+        prepare_launch()
         delta = _new_output(lse.shape, torch.float32, q.device)  # (B, Hq, N), written by the dq kernel
         block_d = max(16, triton.next_power_of_2(head_dim))
         tiles = _tile_sizes(block_d, q.dtype, q.device)

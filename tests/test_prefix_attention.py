@@ -477,6 +477,17 @@ def test_public_api():
     assert m2pt_kernels.prefix_attention is prefix_attention
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the Triton interpreter is off")
+def test_interpreter_runs_loops_to_runtime_bounds():
+    # Every kernel loops to a runtime bound; triton < 3.7's interpreter cannot with numpy >= 2.4
+    # (triton-lang/triton#9171) unless m2pt_kernels._interpreter works around it.
+    pytest.importorskip("triton")
+    from m2pt_kernels import _interpreter
+
+    _interpreter.prepare()
+    assert _interpreter._probe()
+
+
 # Real shapes on a GPU (DESIGN.md §5): ViT-L/14-336 and LLaMA-7B layers with a 10-row prompt, plus
 # the other supported head dims, GQA and padding. Reference in fp32 (fp64 would take minutes).
 CUDA_CASES = [
