@@ -14,6 +14,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)  # absolute: pytest is handed file paths under it, and $OUT may already be absolute
 export PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -28,11 +29,11 @@ run_tests() {
 }
 run_kernels() {
     timeout 420 python3 -m pytest -q bench/test_bench_prefix_attention.py bench/test_bench_nf4.py --benchmark-only \
-        --benchmark-json="$PWD/$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
+        --benchmark-json="$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
 }
 run_step() {
     timeout 540 python3 -m pytest -q bench/test_bench_step.py --benchmark-only \
-        --benchmark-json="$PWD/$OUT/step.json" 2>&1 | tee "$OUT/step.log"
+        --benchmark-json="$OUT/step.json" 2>&1 | tee "$OUT/step.log"
     cp bench/results/headline-*.json "$OUT/" 2>/dev/null
 }
 

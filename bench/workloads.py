@@ -8,6 +8,7 @@ Both train only the prompts and the projector with AdamW.
 """
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 
 import torch
@@ -118,6 +119,44 @@ def train_step(model, optimizer, batch) -> float:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss
+
+
+def release_memory() -> None:
+    """Free what the last bench left behind: Python garbage, the CUDA allocator's cached blocks and
+    its peak counter, so the next bench starts from the same allocator state."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+MICROBATCH_CANDIDATES = (8, 12, 16, 24, 32, 48, 64, 96, 128)
+
+
+def max_microbatch(provider: str, shape: StepShape, device: str = "cuda", limit_bytes: int = 24 * 2**30,
+                   candidates=MICROBATCH_CANDIDATES) -> int:
+    """The largest of `candidates` whose training step (checkpointing on) runs while the CUDA caching
+    allocator may hold at most `limit_bytes`; 0 if none does. The limit is lifted and the cache
+    emptied on the way out, whatever happened, so later benches see the whole GPU again."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    release_memory()
+    torch.cuda.set_per_process_memory_fraction(min(1.0, limit_bytes / total), device)
+    largest = 0
+    try:
+        model, optimizer = build(provider, shape, device)
+        for batch_size in candidates:
+            try:
+                train_step(model, optimizer, make_batch(model, shape, batch=batch_size))
+                torch.cuda.synchronize(device)
+            except torch.OutOfMemoryError:
+                break
+            largest = batch_size
+            release_memory()
+        del model, optimizer
+    finally:
+        release_memory()  # after the handler: a live OOM exception still holds the failed step's tensors
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+    return largest
 
 
 def useful_flops_per_sample(model, shape: StepShape) -> float:

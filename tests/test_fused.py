@@ -64,17 +64,20 @@ CASES += [("triton", "tiny-gqa", 7, 7), ("triton", "odd-heads", 1, 7)]
 
 @pytest.mark.parametrize("kernels,shape,nv,nt", CASES)
 def test_fused_loss_and_gradients_equal_reference(kernels, shape, nv, nt, monkeypatch):
+    device = "cpu"
     if kernels == "pytorch":
         monkeypatch.setenv("TRITON_INTERPRET", "0")
     else:
-        if not torch.cuda.is_available():
+        if torch.cuda.is_available():
+            device = "cuda"  # the kernels run on CUDA tensors; CPU tensors there take the reference
+        else:
             monkeypatch.setenv("TRITON_INTERPRET", "1")
         launches = []  # guard: the Triton path must really run, not fall back to the reference
         kernel_forward = kernel_module._forward
         monkeypatch.setattr(kernel_module, "_forward", lambda *a: launches.append(1) or kernel_forward(*a))
     spec = SHAPES[shape]
-    model = apply_m2pt(build_llava(spec if isinstance(spec, str) else spec(), seed=7), nv, nt)
-    ids, pixels, mask, labels = padded_batch(model, seed=nv * 10 + nt)
+    model = apply_m2pt(build_llava(spec if isinstance(spec, str) else spec(), seed=7, device=device), nv, nt)
+    ids, pixels, mask, labels = (t.to(device) for t in padded_batch(model, seed=nv * 10 + nt))
     ref_loss, ref_grads = run(model, "reference", ids, pixels, mask, labels)
     loss, grads = run(model, "fused", ids, pixels, mask, labels)
     # the same function in fp32; only the order of the sums differs
