@@ -5,6 +5,7 @@ Triton kernels run on CUDA tensors, and on CPU tensors only under the Triton int
 path. The interpreter must be chosen before triton is first imported, so the environment variable is
 read here at call time but has to be set by the caller at start-up.
 """
+import contextlib
 import os
 
 import torch
@@ -32,11 +33,22 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return False
 
 
-def prepare_launch() -> None:
-    """Call right before launching a kernel: under the interpreter, checks once that this triton and
-    numpy can run the kernels and works around it where they cannot (see _interpreter.py). Launchers
-    call it, not use_triton(): torch.compile traces use_triton() but not the custom ops' insides."""
+@contextlib.contextmanager
+def launching_on(device: torch.device):
+    """Wrap every kernel launch on tensors of `device`.
+
+    CUDA: Triton launches on the *current* device, which need not be the tensors' (cuda:1 tensors
+    while cuda:0 is current would be an illegal memory access), so the launch is put under that
+    device's guard, as torch's own kernels are. Interpreter: checks once that this triton and numpy
+    can run the kernels, and works around it where they cannot (see _interpreter.py). Launchers use
+    it, not use_triton(): torch.compile traces use_triton() but not the custom ops' insides.
+    """
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            yield
+        return
     if interpreter_enabled():
         from . import _interpreter  # defines a jitted probe, so only once the interpreter is known on
 
         _interpreter.prepare()
+    yield

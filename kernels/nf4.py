@@ -129,13 +129,13 @@ def _launch_dequantize(q: NF4Weight, dtype: torch.dtype, out: Optional[torch.Ten
     assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous()
     n = q.numel
     absmax, nested, offset, dyn, code = _stat_args(q)
-    _dispatch.prepare_launch()
     grid = (triton.cdiv(n, _DEQUANT_BLOCK),)
-    _nf4_dequant_kernel[grid](
-        q.packed, absmax, nested, offset, dyn, code, out, n, q.packed.numel(),
-        BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, BLOCK=_DEQUANT_BLOCK,
-        enable_fp_fusion=False,
-    )
+    with _dispatch.launching_on(out.device):
+        _nf4_dequant_kernel[grid](
+            q.packed, absmax, nested, offset, dyn, code, out, n, q.packed.numel(),
+            BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, BLOCK=_DEQUANT_BLOCK,
+            enable_fp_fusion=False,
+        )
     return out
 
 
@@ -151,16 +151,16 @@ def _launch_fused_linear(x2d: torch.Tensor, q: NF4Weight, bias: Optional[torch.T
     # program give a 4096-wide layer 128 programs, about one per H100 SM, where 64 would idle half.
     # ptxas (sm_90, 4 warps, bf16, double quant): 126 registers, no spills; 64 columns take 222.
     BLOCK_M, BLOCK_N, BLOCK_K = 16, 32, 64
-    _dispatch.prepare_launch()
     grid = (triton.cdiv(N, BLOCK_N), triton.cdiv(M, BLOCK_M))
-    _nf4_fused_linear_kernel[grid](
-        x2d, q.packed, absmax, nested, offset, dyn, code, bias.contiguous() if bias is not None else x2d, out,
-        x2d.stride(0), x2d.stride(1), out.stride(0), out.stride(1),
-        M, N, K,
-        BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, HAS_BIAS=bias is not None,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        enable_fp_fusion=False,
-    )
+    with _dispatch.launching_on(out.device):
+        _nf4_fused_linear_kernel[grid](
+            x2d, q.packed, absmax, nested, offset, dyn, code, bias.contiguous() if bias is not None else x2d,
+            out, x2d.stride(0), x2d.stride(1), out.stride(0), out.stride(1),
+            M, N, K,
+            BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, HAS_BIAS=bias is not None,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+            enable_fp_fusion=False,
+        )
     return out
 
 

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from ._dispatch import interpreter_enabled, prepare_launch, use_triton
+from ._dispatch import interpreter_enabled, launching_on, use_triton
 from .reference.attention import prefix_attention_reference
 
 try:
@@ -425,7 +425,6 @@ def _forward(
     lse = _new_output((batch, heads_q, seq_len), torch.float32, q.device)  # (B, Hq, N)
     if out.numel() == 0:
         return out, lse
-    prepare_launch()
     block_d = max(16, triton.next_power_of_2(head_dim))
     block_m, block_n, num_warps, num_stages = _tile_sizes(block_d, q.dtype, q.device)["fwd"]
     grid = (triton.cdiv(seq_len, block_m), batch * heads_q)
@@ -464,7 +463,6 @@ def _backward(
     dprefix_k = _new_output((batch, heads_kv, prefix_len, head_dim), torch.float32, q.device)  # (B, Hkv, P, D)
     dprefix_v = _new_output((batch, heads_kv, prefix_len, head_dim), torch.float32, q.device)
     if q.numel() > 0:
-        prepare_launch()
         delta = _new_output(lse.shape, torch.float32, q.device)  # (B, Hq, N), written by the dq kernel
         block_d = max(16, triton.next_power_of_2(head_dim))
         tiles = _tile_sizes(block_d, q.dtype, q.device)
@@ -519,7 +517,8 @@ def _prefix_attention_forward_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
     kv_lens: Optional[torch.Tensor], causal: bool, softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v, prefix_k, prefix_v, kv_lens, causal, softmax_scale)
+    with launching_on(q.device):
+        return _forward(q, k, v, prefix_k, prefix_v, kv_lens, causal, softmax_scale)
 
 
 # The fake (meta) implementations must promise the strides the real ones produce, or compiled code
@@ -537,7 +536,8 @@ def _prefix_attention_backward_op(
     prefix_k: torch.Tensor, prefix_v: torch.Tensor, kv_lens: Optional[torch.Tensor],
     out: torch.Tensor, lse: torch.Tensor, causal: bool, softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(grad_out, q, k, v, prefix_k, prefix_v, kv_lens, out, lse, causal, softmax_scale)
+    with launching_on(q.device):
+        return _backward(grad_out, q, k, v, prefix_k, prefix_v, kv_lens, out, lse, causal, softmax_scale)
 
 
 @_prefix_attention_backward_op.register_fake
