@@ -69,8 +69,10 @@ def remove_partial_checkpoints(output_dir: str | Path) -> None:
 
 
 def rng_state() -> dict:
+    # CUDA: the current device's generator only. Each rank draws on its own GPU (the trainer sets it
+    # from LOCAL_RANK), and every visible GPU's state would not restore on a machine with fewer GPUs.
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def save_rng(directory: Path, rank: int) -> None:
@@ -90,7 +92,7 @@ def load_rng(directory: Path, rank: int, world_size: int) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def truncate_metrics(path: Path, last_step: int) -> None:
