@@ -308,6 +308,26 @@ class M2PTRecipe:
         )
         if self.scheduler is not schedule:
             raise RuntimeError("DeepSpeed replaced the learning-rate schedule; remove 'scheduler' from the config")
+        self._undo_optimizer_warmup_step()
+
+    def _undo_optimizer_warmup_step(self) -> None:
+        """Under ZeRO-0 in bf16, forget the AdamW step DeepSpeed takes on zero gradients at start.
+
+        DeepSpeed wraps the optimizer in FP16_UnfusedOptimizer there, whose constructor
+        (initialize_optimizer_states) steps it once to create its state: AdamW's step count would
+        run one ahead (every bias correction off: the embedded model's step-2 loss was 4.52 where
+        ZeRO-1's is 4.44), and weight decay would already have shrunk the fp32 masters once.
+        The masters were cloned from the bf16 parameters, so copying those back restores them exactly.
+        """
+        from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+        if not isinstance(self.optimizer, FP16_UnfusedOptimizer):
+            return
+        self.optimizer.optimizer.state.clear()  # AdamW creates fresh state at its first real step
+        with torch.no_grad():
+            for low_group, master_group in zip(self.optimizer.fp16_groups, self.optimizer.fp32_groups):
+                for low, master in zip(low_group, master_group):
+                    master.copy_(low)
 
     def _setup_outputs(self) -> None:
         cfg = self.cfg
