@@ -1,6 +1,6 @@
 """The trainer end to end, as users run it: the real `deepspeed` launcher with 2 processes (gloo) under
-ZeRO-2 and ZeRO-3, bit-exact resume, bad records, a non-finite loss, and `python m2pt_fast/train.py`
-with no launcher. Every run is the embedded default (tiny LLaVA, synthetic data) cut to a few steps.
+ZeRO-2 and ZeRO-3, bit-exact resume, bad records, a non-finite loss, `python m2pt_fast/train.py`
+with no launcher, and bf16 (DeepSpeed's CPU accelerator) under every ZeRO config. Every run is the embedded default (tiny LLaVA, synthetic data) cut to a few steps.
 """
 import json
 import math
@@ -214,6 +214,8 @@ def test_bad_options_stop_before_training_with_the_fix(tmp_path):
 # bf16: DeepSpeed keeps bf16 module parameters and fp32 masters in its optimizer; its CPU accelerator
 # runs that mode too (gloo), so every wrapper the trainer meets on a GPU is tested here.
 BF16_CONFIGS = ("zero0", "zero1", "zero2", "zero2_offload", "zero3", "zero3_offload")
+BF16_SHORT = ["--bf16", "--max_steps", "3", "--save_steps", "2", "--dataloader_num_workers", "0", "--warmup_ratio", "0",
+              "--learning_rate", "3e-3", "--weight_decay", "0.1"]
 
 
 @pytest.fixture(scope="module")
@@ -224,9 +226,7 @@ def bf16_run(tmp_path_factory):
     def run(config: str) -> Path:
         if config not in done:
             out = tmp_path_factory.mktemp(f"bf16-{config}")
-            deepspeed_run(out, "--bf16", "--ds_config", f"configs/{config}.json", "--max_steps", "3",
-                          "--save_steps", "2", "--dataloader_num_workers", "0", "--warmup_ratio", "0",
-                          "--learning_rate", "3e-3", "--weight_decay", "0.1")
+            deepspeed_run(out, "--ds_config", f"configs/{config}.json", *BF16_SHORT)
             done[config] = out
         return done[config]
 
@@ -284,3 +284,17 @@ def test_bf16_zero0_trains_like_zero1(bf16_run):
     theirs = tensors(bf16_run("zero1") / "prompts.safetensors")
     for name in theirs:
         assert (ours[name] - theirs[name]).abs().max() < 1e-3, name
+
+
+def test_bf16_resume_ends_bit_for_bit_like_an_uninterrupted_run(bf16_run, tmp_path):
+    # bf16 state is two copies of each tuned tensor: the bf16 module's and the optimizer's fp32 masters
+    uninterrupted = bf16_run("zero2")
+    resumed = tmp_path / "run"
+    shutil.copytree(uninterrupted, resumed)
+    (resumed / "prompts.safetensors").unlink()
+    deepspeed_run(resumed, "--ds_config", "configs/zero2.json", *BF16_SHORT, "--resume")
+    ours, theirs = tensors(resumed / "prompts.safetensors"), tensors(uninterrupted / "prompts.safetensors")
+    assert ours.keys() == theirs.keys()
+    for name in theirs:
+        assert ours[name].equal(theirs[name]), name
+    assert [r["loss"] for r in metrics(resumed)] == [r["loss"] for r in metrics(uninterrupted)]
