@@ -5,6 +5,8 @@ Layout (other tools read it; documented in the README):
   text_prompts          (Lt, n_t, d_text)
   projector.<name>      the projector's state_dict entries, when the projector is tuned
   lm_head.<name>        lm_head's state_dict entries, when lm_head is tuned
+Every tensor is fp32, whatever the model's dtype: after bf16 training the trainer passes the
+optimizer's fp32 master values (m2pt_fast/master_weights.py), and a bf16 tensor widens to fp32 exactly.
 Metadata (strings): format="m2pt-prompts", format_version, the prompt counts, layer counts and
 widths, the vision feature layer(s) and selection strategy, and which groups were tuned.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -39,19 +42,27 @@ def _settings(model) -> dict[str, str]:
 
 
 def _tuned_tensors(model) -> dict[str, torch.Tensor]:
+    """{file key: the model's parameter (or buffer) itself}."""
     tensors = {"vision_prompts": model.vision_prompts, "text_prompts": model.text_prompts}
     if model.m2pt_config.tune_projector:
-        tensors.update({f"projector.{k}": v for k, v in model.projector.state_dict().items()})
+        tensors.update({f"projector.{k}": v for k, v in model.projector.state_dict(keep_vars=True).items()})
     if model.m2pt_config.tune_lm_head:
-        tensors.update({f"lm_head.{k}": v for k, v in model.llava.lm_head.state_dict().items()})
+        tensors.update({f"lm_head.{k}": v for k, v in model.llava.lm_head.state_dict(keep_vars=True).items()})
     return tensors
 
 
-def save_prompts(model, path: str | os.PathLike) -> Path:
-    """Write the tuned tensors of an M2PTLlava to `path` (safetensors). Returns the path."""
+def save_prompts(model, path: str | os.PathLike,
+                 values: Mapping[torch.Tensor, torch.Tensor] | None = None) -> Path:
+    """Write the tuned tensors of an M2PTLlava to `path` (safetensors, fp32). Returns the path.
+
+    values: {parameter of `model`: the value to write in its place}, e.g. the optimizer's fp32
+    master copies of parameters trained in bf16 (m2pt_fast.master_weights.fp32_master_values).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in _tuned_tensors(model).items()}
+    values = values or {}
+    tensors = {k: values.get(v, v).detach().to("cpu", torch.float32).contiguous()
+               for k, v in _tuned_tensors(model).items()}
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, **_settings(model)}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)

@@ -88,6 +88,7 @@ from m2pt_fast.data import (
 )
 from m2pt_fast.data.conversation import ASSISTANT, SYSTEM_PROMPT, USER
 from m2pt_fast.ds_config import load_ds_config, offloads_optimizer, resolve_ds_config, zero_stage
+from m2pt_fast.master_weights import fp32_master_values
 from m2pt_fast.train_config import TrainConfig, parse_args, to_dict
 
 log = logging.getLogger("m2pt_fast.train")
@@ -197,13 +198,12 @@ class M2PTRecipe:
     def _setup_precision(self) -> None:
         """Compute dtype, backbone format and the DeepSpeed config: every refusal before any work."""
         cfg = self.cfg
+        # bf16 also runs on the CPU (DeepSpeed's CPU accelerator, gloo); fp32 stays the default there.
         self.bf16 = cfg.bf16 if cfg.bf16 is not None else self.device.type == "cuda"
-        if self.bf16 and self.device.type != "cuda":
-            raise ValueError("--bf16 needs a GPU: on the CPU the trainer computes in fp32 (leave --bf16 out)")
         self.quant = cfg.quant or ("bf16" if self.bf16 else "fp32")
         if self.quant == "bf16" and not self.bf16:
-            raise ValueError("--quant bf16 keeps the backbone in bf16, which needs bf16 compute (--bf16, a GPU); "
-                             "on the CPU use --quant fp32 or --quant nf4")
+            raise ValueError("--quant bf16 keeps the backbone in bf16, which needs bf16 compute: add --bf16 "
+                             "(the default on a GPU), or use --quant fp32 or --quant nf4")
         where = cfg.ds_config or "the built-in ZeRO-0 DeepSpeed config"
         resolved = dataclasses.replace(cfg, quant=self.quant)
         self.ds_config = resolve_ds_config(load_ds_config(cfg.ds_config), resolved, self.world_size, self.bf16, where)
@@ -308,6 +308,26 @@ class M2PTRecipe:
         )
         if self.scheduler is not schedule:
             raise RuntimeError("DeepSpeed replaced the learning-rate schedule; remove 'scheduler' from the config")
+        self._undo_optimizer_warmup_step()
+
+    def _undo_optimizer_warmup_step(self) -> None:
+        """Under ZeRO-0 in bf16, forget the AdamW step DeepSpeed takes on zero gradients at start.
+
+        DeepSpeed wraps the optimizer in FP16_UnfusedOptimizer there, whose constructor
+        (initialize_optimizer_states) steps it once to create its state: AdamW's step count would
+        run one ahead (every bias correction off: the embedded model's step-2 loss was 4.52 where
+        ZeRO-1's is 4.44), and weight decay would already have shrunk the fp32 masters once.
+        The masters were cloned from the bf16 parameters, so copying those back restores them exactly.
+        """
+        from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+        if not isinstance(self.optimizer, FP16_UnfusedOptimizer):
+            return
+        self.optimizer.optimizer.state.clear()  # AdamW creates fresh state at its first real step
+        with torch.no_grad():
+            for low_group, master_group in zip(self.optimizer.fp16_groups, self.optimizer.fp32_groups):
+                for low, master in zip(low_group, master_group):
+                    master.copy_(low)
 
     def _setup_outputs(self) -> None:
         cfg = self.cfg
@@ -475,11 +495,18 @@ class M2PTRecipe:
         return contextlib.nullcontext()
 
     def _write_prompts(self, path: Path) -> None:
-        """The prompt file, written by rank 0 through a temporary name (all ranks must call this)."""
+        """The prompt file, written by rank 0 through a temporary name (all ranks must call this).
+
+        In bf16 it holds the optimizer's fp32 master values, not the module's bf16 copies of them.
+        """
         with self._gathered_tuned():
+            values = {}
+            if self.bf16:  # collective under ZeRO 1-3
+                tuned = [p for p in self.model.parameters() if p.requires_grad]
+                values = fp32_master_values(self.optimizer, tuned)
             if self.rank == 0:
                 tmp = path.with_name(f".tmp-{path.name}")
-                save_prompts(self.model, tmp)
+                save_prompts(self.model, tmp, values)
                 os.replace(tmp, path)
 
     def _save_checkpoint(self) -> None:

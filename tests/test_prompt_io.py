@@ -72,3 +72,18 @@ def test_missing_or_foreign_file(tmp_path):
     save_file({"x": torch.randn(2)}, str(tmp_path / "foreign.safetensors"))
     with pytest.raises(ValueError, match="not an m2pt prompt file"):
         load_prompts(model, tmp_path / "foreign.safetensors")
+
+
+def test_file_is_fp32_and_takes_the_values_given_for_parameters(tmp_path):
+    # a bf16 model, as DeepSpeed's bf16 mode leaves it; the masters are what training produced
+    model = apply_m2pt(build_llava("tiny", seed=0, dtype=torch.bfloat16), 3, 5)
+    master = model.text_prompts.detach().float() + 1e-3 * torch.rand(model.text_prompts.shape)
+    assert not master.equal(master.bfloat16().float())  # bits a bf16 copy cannot hold
+    path = save_prompts(model, tmp_path / "p.safetensors", {model.text_prompts: master})
+    with safe_open(str(path), framework="pt") as f:
+        saved = {k: f.get_tensor(k) for k in f.keys()}
+    assert all(t.dtype == torch.float32 for t in saved.values())
+    assert saved["text_prompts"].equal(master)
+    assert saved["vision_prompts"].equal(model.vision_prompts.detach().float())  # bf16 widens exactly
+    weight = model.projector.linear_1.weight
+    assert saved["projector.linear_1.weight"].equal(weight.detach().float())
