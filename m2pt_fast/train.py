@@ -182,6 +182,9 @@ class M2PTRecipe:
         on_gpu = torch.cuda.is_available()
         local_rank = int(os.environ["LOCAL_RANK"])
         if on_gpu:
+            # A launcher that gives each process one GPU (CUDA_VISIBLE_DEVICES per rank) leaves
+            # LOCAL_RANK past the visible count: the rank's GPU is then the only one it sees.
+            local_rank %= torch.cuda.device_count()
             torch.cuda.set_device(local_rank)
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", dist_init_required=True)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -411,6 +414,9 @@ class M2PTRecipe:
                         desc="m2pt", unit="step", dynamic_ncols=True)
         # per optimizer step: [loss sum over micro-batches, tokens, samples, skipped records]
         totals = torch.zeros(4, dtype=torch.float64)
+        if self.device.type == "cuda":
+            # peak_mem_mb is training memory: not the float model that quantize_model already freed
+            torch.cuda.reset_peak_memory_stats(self.device)
         started = time.perf_counter()
         try:
             while self.global_step < self.total_steps:
