@@ -160,9 +160,14 @@ def max_microbatch(provider: str, shape: StepShape, device: str = "cuda", limit_
 
 
 def useful_flops_per_sample(model, shape: StepShape) -> float:
-    """Forward + input-gradient backward of every matmul and attention (DESIGN.md §5): 2 × forward.
+    """Forward + input-gradient backward of every matmul and attention (DESIGN.md §5).
 
-    No weight gradients for frozen weights, recomputation not counted; lm_head at answer tokens only.
+    A frozen linear layer's backward is one matmul (dX), as much as its forward: 2 × forward.
+    Attention has no weights: its inputs Q, K, V are all activations, so its backward is four
+    matmuls (dV, dP, dQ, dK) for the forward's two: 3 × forward. The projector is trained: its
+    weight gradient is useful work too, 3 × forward. Causal attention counts the visible half of
+    the keys; recomputation is not counted; lm_head at answer tokens only. The prompts' own K/V
+    rows (n per layer, computed once per step) are left out: about 0.03% of a headline step.
     """
     config = model.llava.config
     v, t = config.vision_config, config.text_config
@@ -175,13 +180,13 @@ def useful_flops_per_sample(model, shape: StepShape) -> float:
 
     vision_matmul = vision_layers * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
     vision = 2 * vision_matmul * vision_tokens
-    vision += vision_layers * 4 * vision_tokens * (vision_tokens + n) * v.hidden_size  # QKᵀ and PV, full
+    vision_attention = vision_layers * 4 * vision_tokens * (vision_tokens + n) * v.hidden_size  # QKᵀ and PV, full
     text_matmul = t.num_hidden_layers * (t.hidden_size * (2 * q_width + 2 * kv_width) + 3 * t.hidden_size * t.intermediate_size)
     text = 2 * text_matmul * text_tokens
-    text += t.num_hidden_layers * 4 * text_tokens * (text_tokens / 2 + n) * q_width  # causal: half the keys
+    text_attention = t.num_hidden_layers * 4 * text_tokens * (text_tokens / 2 + n) * q_width  # causal: half the keys
     projector = 2 * sum(p.numel() for p in model.projector.parameters() if p.dim() == 2) * model.image_seq_length
     lm_head = 2 * t.hidden_size * t.vocab_size * shape.answer_tokens
-    return 2.0 * (vision + text + projector + lm_head)
+    return 2.0 * (vision + text + lm_head) + 3.0 * (vision_attention + text_attention + projector)
 
 
 def dense_bf16_rate(size: int = 8192, repeats: int = 20) -> float:

@@ -647,7 +647,9 @@ def prefix_attention(
     tensors under TRITON_INTERPRET=1), the pure-PyTorch reference otherwise. Under torch.autocast, all five tensors are cast to the
     autocast dtype first. To torch.compile the kernel path is a single custom op.
     """
-    if torch.is_autocast_enabled(q.device.type):
+    # is_autocast_enabled raises for a device type autocast does not know (meta, used to trace
+    # shapes and count work): such a device has no autocast to honour.
+    if torch.amp.is_autocast_available(q.device.type) and torch.is_autocast_enabled(q.device.type):
         # Like SDPA under autocast: attention runs in the autocast dtype, whatever the inputs'
         # (typically bf16 activations meeting fp32 prefix parameters).
         dtype = torch.get_autocast_dtype(q.device.type)

@@ -222,6 +222,19 @@ def test_autocast_runs_in_the_autocast_dtype(monkeypatch):
     assert pk.grad.dtype == torch.float32 and torch.isfinite(pk.grad).all()
 
 
+def test_meta_tensors_run_the_reference(monkeypatch):
+    # Meta tensors (shape tracing, counting a step's work at full size without memory) have no
+    # autocast and no kernel: the reference gives the output's shape and dtype, and a backward.
+    monkeypatch.setattr(kernel_module, "_forward", lambda *a: pytest.fail("kernel called on meta tensors"))
+    q = torch.empty(2, 4, 7, 16, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.empty(2, 2, 7, 16, device="meta", dtype=torch.bfloat16) for _ in range(2))
+    pk, pv = (torch.empty(2, 3, 16, device="meta", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    out = prefix_attention(q, k, v, pk, pv, causal=True)
+    assert (out.shape, out.dtype, out.device.type) == ((2, 4, 7, 16), torch.bfloat16, "meta")
+    out.sum().backward()
+    assert pk.grad.shape == pk.shape and q.grad.shape == q.shape
+
+
 def test_float64_runs_the_reference():
     case = Case(1, 2, 1, 6, 3, 32, causal=True)
     leaves, kv_lens, grad_out = make_inputs(case, torch.float64)

@@ -1,0 +1,259 @@
+"""Count the work of one training step at full size without running it: the `meta` device.
+
+    python bench/meta_work.py                 # count the headline step, print a Markdown table (~30 s)
+    python bench/meta_work.py RESULTS.json    # the same table from a saved run of bench/test_bench_work.py
+
+Meta tensors carry shapes and dtypes but no memory and no values, so DESIGN.md §5's headline step
+(LLaVA-1.5-7B, micro-batch 8, 576 image + 128 text tokens, 32 answer tokens, n_v = n_t = 10, bf16)
+"runs" on a CPU in seconds, forward and backward, checkpoint recomputation included. Counted:
+- executed FLOPs, by `torch.utils.flop_counter.FlopCounterMode`: every matmul, convolution and
+  attention matmul that ATen runs, split into linear (mm/addmm/convolution) and attention (bmm:
+  on meta, SDPA takes its math form, so QKᵀ and PV are dense, masked half included, on both sides);
+- the largest vocabulary-sized tensor (a dimension equal to the vocabulary, logits and their
+  gradients) any op materialises, and the bytes of all of them together.
+Weights are dense bf16 on meta for both sides: NF4 dequantization is not a matmul, and bitsandbytes
+cannot run on meta, so the frozen backbone's format does not change these counts.
+
+Two things stop plain meta tensors; `MetaValues` works around both here, in the bench (the product
+code is unchanged):
+- values read on the host: `int()` / `bool()` / `.item()` of a tensor (the image-token count check,
+  transformers' "is this mask all ones?" test, the fused path's padding check);
+- data-dependent shapes: `nonzero`, so boolean-mask indexing (the fused loss's `hidden[keep]`).
+Both read only integer and boolean tensors (token ids, masks, labels, positions), which are small.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.weak import WeakIdKeyDictionary
+
+aten = torch.ops.aten
+META = torch.device("meta")
+# Integer/bool tensors up to this many elements get CPU values (the fused reference attention's
+# B × N × (P + N) masks included); larger ones, and every floating-point tensor, stay value-less.
+MAX_TRACKED_NUMEL = 1 << 24
+ATTENTION_OPS = {"aten.bmm", "aten.baddbmm", "aten._scaled_dot_product_efficient_attention",
+                 "aten._scaled_dot_product_flash_attention", "aten._scaled_dot_product_cudnn_attention",
+                 "aten._scaled_dot_product_efficient_attention_backward",
+                 "aten._scaled_dot_product_flash_attention_backward",
+                 "aten._scaled_dot_product_cudnn_attention_backward"}
+
+
+def _is_meta(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.device.type == "meta"
+
+
+def _trackable(t: torch.Tensor) -> bool:
+    return not (t.is_floating_point() or t.is_complex()) and t.numel() <= MAX_TRACKED_NUMEL
+
+
+class MetaValues(TorchDispatchMode):
+    """Meta tensors that keep a CPU copy of the values of their integer and boolean tensors.
+
+    A CPU tensor moved to meta keeps its values, and so does an integer/bool factory on meta
+    (`arange`, `ones`); an op whose every meta input has values and whose outputs are integer/bool
+    runs on the CPU copies (this answers `nonzero` and `.item()`, which meta cannot); indexing a
+    value-less tensor by a boolean mask becomes indexing by the mask's nonzero positions, as ATen
+    does on real devices. Floating-point tensors (weights, activations, logits) stay on meta.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.values = WeakIdKeyDictionary()
+
+    def _twin(self, value: torch.Tensor) -> torch.Tensor:
+        twin = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=META)
+        self.values[twin] = value
+        return twin
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        metas = [t for t in tree_flatten((args, kwargs))[0] if _is_meta(t)]
+        has_values = all(t in self.values for t in metas)
+
+        if func is aten._local_scalar_dense.default:
+            if not has_values:
+                raise RuntimeError("MetaValues: .item() of a meta tensor without values (a float activation?)")
+            return self.values[args[0]].item()
+
+        if metas and has_values:
+            owners = {id(self.values[t]): t for t in metas}  # in-place ops return their own input
+            cpu_args, cpu_kwargs = tree_map(lambda t: self.values[t] if _is_meta(t) else t, (args, kwargs))
+            if cpu_kwargs.get("device") == META:
+                cpu_kwargs["device"] = torch.device("cpu")
+            out = func(*cpu_args, **cpu_kwargs)
+            outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
+            if all(_trackable(o) for o in outs):
+                return tree_map(lambda o: (owners.get(id(o)) or self._twin(o)) if isinstance(o, torch.Tensor) else o,
+                                out)
+            # A float result of integer inputs (positions cast for RoPE): meta, without values.
+            return tree_map(lambda o: o.to(META) if isinstance(o, torch.Tensor) else o, out)
+
+        if func is aten.index.Tensor and any(i is not None and i.dtype == torch.bool for i in args[1]):
+            indices = []
+            for index in args[1]:
+                if index is not None and index.dtype == torch.bool:
+                    indices.extend(self._twin(i) for i in self.values[index].nonzero().unbind(1))
+                else:
+                    indices.append(index)
+            return func(args[0], indices)
+
+        out = func(*args, **kwargs)
+        if isinstance(out, torch.Tensor) and _trackable(out) and (
+            (not metas and kwargs.get("device") == META)  # a factory on meta: make its values on CPU
+            or func is aten._to_copy.default and not _is_meta(args[0])  # a CPU tensor moved to meta
+        ):
+            source = func(*args, **{**kwargs, "device": torch.device("cpu")})
+            self.values[out] = source
+        return out
+
+
+class VocabTensors(TorchDispatchMode):
+    """Records every tensor an op creates with a dimension equal to the vocabulary size (logits,
+    their fp32 copies, softmax outputs and gradients); views of existing tensors are not counted."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.largest_bytes = 0
+        self.largest_shape: tuple[int, ...] = ()
+        self.total_bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        returns = func._schema.returns
+        for i, tensor in enumerate(t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)):
+            if i < len(returns) and returns[i].alias_info is not None:
+                continue  # a view or an in-place result: no new memory
+            if self.vocab_size in tensor.shape:
+                size = tensor.numel() * tensor.element_size()
+                self.total_bytes += size
+                if size > self.largest_bytes:
+                    self.largest_bytes, self.largest_shape = size, tuple(tensor.shape)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class StepWork:
+    """One training step's counted work (forward + backward, no optimizer)."""
+
+    provider: str
+    checkpointing: bool
+    text_tokens: int
+    executed_tflop: float
+    linear_tflop: float  # mm, addmm, convolution
+    attention_tflop: float  # QKᵀ and PV and their gradients, dense
+    lm_head_tflop: float
+    useful_tflop: float  # workloads.useful_flops_per_sample × batch
+    largest_vocab_tensor_bytes: int
+    largest_vocab_tensor_shape: tuple[int, ...]
+    vocab_tensor_bytes_total: int
+    count_seconds: float
+
+
+def headline_shape(text_tokens: int | None = None):
+    """DESIGN.md §5's headline step with dense bf16 weights (the only form meta can hold)."""
+    import workloads
+
+    shape = dataclasses.replace(workloads.HEADLINE, quant="none")
+    return shape if text_tokens is None else dataclasses.replace(shape, text_tokens=text_tokens)
+
+
+_COUNTED: dict[tuple, StepWork] = {}
+
+
+def counted(provider: str, checkpointing: bool, text_tokens: int | None = None) -> StepWork:
+    """count_step's result, counted once per process."""
+    key = (provider, checkpointing, headline_shape(text_tokens).text_tokens)
+    return _COUNTED[key] if key in _COUNTED else count_step(*key)
+
+
+def count_step(provider: str, checkpointing: bool, text_tokens: int | None = None) -> StepWork:
+    """Build `provider`'s model ("ours": fused; "baseline": reference + transformers' checkpointing)
+    on meta exactly as the step bench does, and count one forward + backward (kept for `counted`)."""
+    import workloads
+
+    shape = headline_shape(text_tokens)
+    start = time.perf_counter()
+    model, _ = workloads.build(provider, shape, "meta", checkpointing=checkpointing)
+    vocab = model.llava.config.text_config.vocab_size
+    with MetaValues():
+        batch = workloads.make_batch(model, shape)
+        with VocabTensors(vocab) as vocab_tensors, FlopCounterMode(display=False) as flops:
+            ids, pixels, mask, labels = batch
+            model(ids, pixels, mask, labels).loss.backward()
+    by_op = {str(op): n for op, n in flops.get_flop_counts()["Global"].items()}
+    attention = sum(n for op, n in by_op.items() if op in ATTENTION_OPS)
+    lm_head = sum(sum(ops.values()) for module, ops in flops.get_flop_counts().items() if module.endswith(".lm_head"))
+    total = flops.get_total_flops()
+    work = _COUNTED[provider, checkpointing, shape.text_tokens] = StepWork(
+        provider=provider, checkpointing=checkpointing, text_tokens=shape.text_tokens,
+        executed_tflop=total / 1e12, linear_tflop=(total - attention) / 1e12, attention_tflop=attention / 1e12,
+        lm_head_tflop=lm_head / 1e12,
+        useful_tflop=workloads.useful_flops_per_sample(model, shape) * shape.batch / 1e12,
+        largest_vocab_tensor_bytes=vocab_tensors.largest_bytes,
+        largest_vocab_tensor_shape=vocab_tensors.largest_shape,
+        vocab_tensor_bytes_total=vocab_tensors.total_bytes,
+        count_seconds=time.perf_counter() - start,
+    )
+    return work
+
+
+def markdown_table(counts: list[StepWork]) -> str:
+    rows = ["| side | checkpointing | executed TFLOP | linear | attention (dense) | lm_head | "
+            "executed ÷ useful | largest vocab tensor | all vocab tensors |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    names = {"ours": "ours (fused)", "baseline": "baseline (reference)"}
+    for c in counts:
+        shape = "×".join(map(str, c.largest_vocab_tensor_shape))
+        rows.append(f"| {names[c.provider]} | {'on' if c.checkpointing else 'off'} | {c.executed_tflop:.1f} | "
+                    f"{c.linear_tflop:.1f} | {c.attention_tflop:.2f} | {c.lm_head_tflop:.2f} | "
+                    f"{c.executed_tflop / c.useful_tflop:.3f} | {c.largest_vocab_tensor_bytes / 2**20:,.0f} MiB "
+                    f"({shape}) | {c.vocab_tensor_bytes_total / 2**30:.2f} GiB |")
+    useful = counts[0].useful_tflop
+    rows.append(f"\nUseful (DESIGN.md §5, `workloads.useful_flops_per_sample` × 8): {useful:.1f} TFLOP per step.")
+    return "\n".join(rows)
+
+
+def _register_packages() -> None:
+    """Import this checkout's m2pt_fast / m2pt_kernels and bench/workloads, as pytest's conftest does."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("_m2pt_root_conftest", root / "conftest.py")
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    sys.path.insert(0, str(root / "bench"))
+
+
+def saved_counts(path: str | Path) -> list[StepWork]:
+    """The headline counts (text tokens as in the headline) saved by bench/test_bench_work.py."""
+    import json
+
+    fields = {f.name for f in dataclasses.fields(StepWork)}
+    counts = []
+    for bench in json.loads(Path(path).read_text())["benchmarks"]:
+        info = bench.get("extra_info", {})
+        if "test_step_work" not in bench["name"] or not fields <= info.keys():
+            continue
+        values = {k: info[k] for k in fields}
+        values.update(checkpointing=info["checkpointing"] == "ckpt",
+                      largest_vocab_tensor_shape=tuple(info["largest_vocab_tensor_shape"]))
+        counts.append(StepWork(**values))
+    if not counts:
+        raise SystemExit(f"{path}: no test_step_work results with counts (run pytest bench/test_bench_work.py)")
+    return sorted(counts, key=lambda c: (c.provider != "ours", not c.checkpointing))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1:
+        print(markdown_table(saved_counts(sys.argv[1])))
+    else:
+        _register_packages()
+        print(markdown_table([count_step(p, c) for p in ("ours", "baseline") for c in (True, False)]))
