@@ -644,8 +644,9 @@ def prefix_attention(
     prefix receives its gradient summed over the batch.
 
     Runs the Triton kernels on CUDA tensors of sm_80 (Ampere) or newer GPUs (and on fp16/fp32 CPU
-    tensors under TRITON_INTERPRET=1), the pure-PyTorch reference otherwise. Under torch.autocast, all five tensors are cast to the
-    autocast dtype first. To torch.compile the kernel path is a single custom op.
+    tensors under TRITON_INTERPRET=1), the pure-PyTorch reference otherwise. Under torch.autocast,
+    all five tensors are cast to the autocast dtype first. To torch.compile the kernel path is a
+    single custom op.
     """
     # is_autocast_enabled raises for a device type autocast does not know (meta, used to trace
     # shapes and count work): such a device has no autocast to honour.
