@@ -1,33 +1,19 @@
-"""Make tests and benches import this checkout, even where another copy of the package is installed.
+"""Test and bench configuration shared by tests/ and bench/.
 
-Both packages are registered by path rather than by putting the repository root on sys.path: the
-kernel library's directory is `kernels/`, and a top-level `kernels` must never be importable
-(bitsandbytes probes for a package of that name). pytest runs with --import-mode=importlib for the
-same reason (pyproject.toml).
+Imports come from this checkout whatever else is installed: pyproject.toml's `pythonpath` puts the
+root (m2pt_fast) and kernels/ (m2pt_kernels; kernels/README.md) first on sys.path in this process,
+and PYTHONPATH does the same for the Python processes tests start (train.py runs, compile checks).
 """
-import importlib.util
 import os
-import sys
 from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parent
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(ROOT / "kernels"), str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
 
 # Without a GPU the Triton kernels run only in the interpreter, which triton selects when a kernel is
 # decorated (at import): set it before anything imports triton. A user's explicit setting wins.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-ROOT = Path(__file__).resolve().parent
-
-
-def _register(name: str, directory: Path) -> None:
-    spec = importlib.util.spec_from_file_location(
-        name, directory / "__init__.py", submodule_search_locations=[str(directory)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-
-
-_register("m2pt_kernels", ROOT / "kernels")
-_register("m2pt_fast", ROOT / "m2pt_fast")

@@ -1,12 +1,16 @@
 """Install m2pt-fast: the `m2pt_fast` trainer package and the `m2pt_kernels` kernel library.
 
-The kernel library lives in kernels/ but is installed as `m2pt_kernels`: bitsandbytes probes for a
-top-level package named `kernels`, so that name must never be importable from here.
+The kernel library's sources are kernels/m2pt_kernels/ (why there, and how Python finds it:
+kernels/README.md); `package_dir` below maps the package to that folder.
 
 Native part (vLLM's pattern: Python decides what to build, CMakeLists.txt decides how): the C++/OpenMP
 NF4 quantizer in csrc/ is built when CMake and a C++ compiler are found. Without them, or when the
 build fails, the install goes on pure-Python (m2pt_kernels then quantizes with PyTorch, slower) and
 says so. M2PT_BUILD_NATIVE=0 skips the build, =1 makes a failed build an error.
+
+Version ranges: the releases the test suite has passed on (docs/compatibility.md lists them, and how
+to check a newer one). transformers is capped just past the newest minor release that passed,
+because m2pt_fast uses its internals (layer classes, caches, mask helpers; m2pt_fast/compat.py).
 """
 import os
 import shutil
@@ -19,11 +23,11 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 
-# torch is deliberately unpinned: setup.sh installs the right build first (CPU wheel on machines
+# torch is not pinned to one build: setup.sh installs the right one first (the CPU wheel on machines
 # without a GPU, the existing CUDA build kept on GPU machines); pip then sees it satisfied.
 INSTALL_REQUIRES = [
-    "torch>=2.4",
-    "transformers>=5.0,<6",
+    "torch>=2.11,<2.14",
+    "transformers>=5.17,<5.25",
     "safetensors>=0.4",
     "pillow>=10",
     "tqdm>=4.60",
@@ -33,15 +37,14 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     "dev": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7"],
-    "triton": ["triton>=3.2"],
-    "bitsandbytes": ["bitsandbytes>=0.45"],
+    "triton": ["triton>=3.2,<3.8"],
+    "bitsandbytes": ["bitsandbytes>=0.46.1,<0.51"],
     # deepspeed ships only an sdist; setup.sh builds it with DS_BUILD_OPS=0 (ops JIT-compile later).
-    "deepspeed": ["deepspeed>=0.16"],
+    "deepspeed": ["deepspeed>=0.17,<0.20"],
     # flash-attn has no wheel on the registry (CUDA source build): never required.
     "gpu": ["flash-attn>=2.6"],
 }
 EXTRAS["all"] = sorted({r for k, v in EXTRAS.items() if k != "gpu" for r in v})
-
 
 
 def _say(msg: str) -> None:
@@ -99,7 +102,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["m2pt_fast", "m2pt_fast.data", "m2pt_kernels", "m2pt_kernels.reference"],
-    package_dir={"m2pt_kernels": "kernels"},
+    package_dir={"m2pt_kernels": "kernels/m2pt_kernels"},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     ext_modules=[CMakeExtension("m2pt_kernels.libm2pt_nf4", target="m2pt_nf4")],

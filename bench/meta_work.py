@@ -222,14 +222,10 @@ def markdown_table(counts: list[StepWork]) -> str:
     return "\n".join(rows)
 
 
-def _register_packages() -> None:
-    """Import this checkout's m2pt_fast / m2pt_kernels and bench/workloads, as pytest's conftest does."""
-    import importlib.util
-
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("_m2pt_root_conftest", root / "conftest.py")
-    spec.loader.exec_module(importlib.util.module_from_spec(spec))
-    sys.path.insert(0, str(root / "bench"))
+def _add_bench_to_path() -> None:
+    """bench/workloads, as bench/conftest.py makes it importable (m2pt_fast and m2pt_kernels come
+    from the install, or from PYTHONPATH=kernels:. in a checkout: kernels/README.md)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def saved_counts(path: str | Path) -> list[StepWork]:
@@ -255,5 +251,5 @@ if __name__ == "__main__":
     if len(sys.argv) > 1:
         print(markdown_table(saved_counts(sys.argv[1])))
     else:
-        _register_packages()
+        _add_bench_to_path()
         print(markdown_table([count_step(p, c) for p in ("ours", "baseline") for c in (True, False)]))

@@ -8,7 +8,6 @@ Prints one JSON object with the timings, the thread count, versions and the date
 """
 import argparse
 import datetime
-import importlib.util
 import json
 import platform
 import subprocess
@@ -18,17 +17,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if "m2pt_kernels" not in sys.modules:
-    # this checkout's kernel library, registered by path (a top-level `kernels` must not be importable)
-    spec = importlib.util.spec_from_file_location("m2pt_kernels", ROOT / "kernels" / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT / "kernels")])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["m2pt_kernels"] = module
-    spec.loader.exec_module(module)
+from m2pt_kernels import _native
+from m2pt_kernels.reference import nf4_dequantize_reference, nf4_quantize_reference
 
-from m2pt_kernels import _native  # noqa: E402
-from m2pt_kernels.reference import nf4_dequantize_reference, nf4_quantize_reference  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _commit() -> str:

@@ -1,7 +1,7 @@
 """The fused M²PT path: the reference function, computed without prompt rows in the sequence.
 
 Prompt rows are overwritten before every layer, so their outputs are never used: they act on the
-other tokens only through that layer's keys and values (DESIGN.md §1). Per layer, the prompt K/V
+other tokens only through that layer's keys and values (docs/method.md). Per layer, the prompt K/V
 
     Kp = rope(norm(P) Wk + bk, positions 0..n-1)      Vp = norm(P) Wv + bv
 
@@ -19,10 +19,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-from transformers.cache_utils import DynamicCache
-from transformers.models.llama.modeling_llama import rotate_half
-
 from m2pt_kernels import prefix_attention
+
+from .compat import Cache, new_cache, rotate_half
 
 IGNORE_INDEX = -100
 # Rows of hidden state turned into logits at once in the loss: peak extra memory is about
@@ -194,10 +193,10 @@ def text_forward(lm, lm_head, prompts, embeds, attention_mask, labels, position_
     return loss, logits
 
 
-def prompt_cache(lm, prompts: torch.Tensor, batch: int, cache: DynamicCache | None = None) -> DynamicCache:
+def prompt_cache(lm, prompts: torch.Tensor, batch: int, cache: Cache | None = None) -> Cache:
     """Fill an empty (or new) KV cache with every decoder layer's prompt K/V, computed once and
     expanded over the batch."""
-    cache = DynamicCache(config=lm.config) if cache is None else cache
+    cache = new_cache(lm.config) if cache is None else cache
     if prompts.shape[1] == 0:
         return cache
     dtype = lm.embed_tokens.weight.dtype

@@ -92,6 +92,6 @@ def generate(
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
         out = model(next_token[:, None], attention_mask=attention_mask, position_ids=next_position,
-                    past_key_values=out.past_key_values, use_cache=True)
+                    cache=out.cache, use_cache=True)
         next_position = next_position + 1
     return tokens

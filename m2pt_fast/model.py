@@ -4,7 +4,7 @@
 are shared, not copied; only the prompts, the projector (the interaction layer) and optionally lm_head
 are trainable.
 
-The "reference" backend computes DESIGN.md §1's reference form, step by step:
+The "reference" backend computes the reference form of docs/method.md, step by step:
 - vision: the prompt rows `vision_prompts[0]` are prepended to the embedded patch sequence after
   CLIP's pre-layernorm; before vision layer i > 0 they are overwritten with `vision_prompts[i]`; the
   selected hidden state drops the prompt rows *and* CLS (strategy "default");
@@ -26,11 +26,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import LlavaForConditionalGeneration
-from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
 from . import fused, reference
+from .compat import Cache, GradientCheckpointingLayer, set_layer_checkpointing
 from .generation import generate
 
 BACKENDS = ("reference", "fused")
@@ -61,11 +60,12 @@ class M2PTOutput(ModelOutput):
     fused backend was not asked for them (it skips full-vocabulary logits when training).
 
     A transformers ModelOutput (also a dict): DeepSpeed ZeRO-3 finds the tensors a module returns only
-    in tuples, lists and dicts, and re-gathers the prompts for backward through hooks on them."""
+    in tuples, lists and dicts, and re-gathers the prompts for backward through hooks on them.
+    `cache`: the KV cache to pass to the next call (transformers' own name for it since 5.24)."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
 
 
 def clip_parts(clip_model: nn.Module) -> nn.Module:
@@ -142,8 +142,7 @@ def set_gradient_checkpointing(root: nn.Module, every_n_layers: int | None) -> N
     recompute = functools.partial(checkpoint, use_reentrant=False)
     layers = [m for m in root.modules() if isinstance(m, GradientCheckpointingLayer)]
     for index, layer in enumerate(layers):
-        layer.gradient_checkpointing = every_n_layers is not None and index % every_n_layers == 0
-        layer._gradient_checkpointing_func = recompute
+        set_layer_checkpointing(layer, every_n_layers is not None and index % every_n_layers == 0, recompute)
 
 
 def xavier_uniform_per_layer(prompts: torch.Tensor) -> None:
@@ -281,7 +280,7 @@ class M2PTLlava(PromptTuned, nn.Module):
         labels: torch.Tensor | None = None,
         *,
         position_ids: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool = False,
         return_logits: bool | None = None,
     ) -> M2PTOutput:
@@ -290,15 +289,14 @@ class M2PTLlava(PromptTuned, nn.Module):
         input_ids: (B, T), with `image_token_id` repeated `image_seq_length` times per image;
         attention_mask: (B, T_past + T), 1 for tokens, 0 for padding (prompt positions are added here);
         labels: (B, T), -100 where no loss is taken; position_ids: (B, T) text positions (default
-        0.. for a fresh sequence), shifted by n_t internally; past_key_values: a cache from an earlier
-        call (it holds the prompt rows). return_logits: default True for the reference backend; the
+        0.. for a fresh sequence), shifted by n_t internally; cache: `out.cache` of an earlier call
+        (it holds the prompt rows). return_logits: default True for the reference backend; the
         fused backend computes logits only when asked or when no labels are given.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
         embeds = self._embed(input_ids, pixel_values)
-        return text_forward(self, embeds, attention_mask, labels, position_ids, past_key_values, use_cache,
-                            return_logits)
+        return text_forward(self, embeds, attention_mask, labels, position_ids, cache, use_cache, return_logits)
 
     def _embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
         embeds = self.language_model.embed_tokens(input_ids)  # (B, T, d)
@@ -323,22 +321,22 @@ class M2PTLlava(PromptTuned, nn.Module):
         return generate(self, input_ids, pixel_values, max_new_tokens, **kwargs)
 
 
-def text_forward(model, embeds, attention_mask, labels, position_ids, past_key_values, use_cache, return_logits):
+def text_forward(model, embeds, attention_mask, labels, position_ids, cache, use_cache, return_logits):
     """The decoder half shared by M²PT and plain deep text prompts: `model` has `backend`,
     `training`, `text_prompts`, `language_model` and `lm_head`; embeds: (B, T, d)."""
     lm, lm_head, prompts = model.language_model, model.lm_head, model.text_prompts
     if model.backend == "reference":
         loss, logits, cache = reference.text_forward(lm, lm_head, prompts, embeds, attention_mask, labels,
-                                                     position_ids, past_key_values, use_cache)
-        return M2PTOutput(loss=loss, logits=logits, past_key_values=cache)
-    if use_cache or past_key_values is not None:
+                                                     position_ids, cache, use_cache)
+        return M2PTOutput(loss=loss, logits=logits, cache=cache)
+    if use_cache or cache is not None:
         # Decoding: the prompt K/V enter the cache once, computed for the whole batch; the text then
         # runs through the cached path.
-        if past_key_values is None or past_key_values.get_seq_length() == 0:
-            past_key_values = fused.prompt_cache(lm, prompts, embeds.shape[0], past_key_values)
+        if cache is None or cache.get_seq_length() == 0:
+            cache = fused.prompt_cache(lm, prompts, embeds.shape[0], cache)
         loss, logits, cache = reference.text_forward(lm, lm_head, prompts, embeds, attention_mask, labels,
-                                                     position_ids, past_key_values, True)
-        return M2PTOutput(loss=loss, logits=logits, past_key_values=cache)
+                                                     position_ids, cache, True)
+        return M2PTOutput(loss=loss, logits=logits, cache=cache)
     if return_logits is None:
         return_logits = labels is None
     loss, logits = fused.text_forward(lm, lm_head, prompts, embeds, attention_mask, labels, position_ids,

@@ -82,14 +82,13 @@ class DeepTextPrompts(PromptTuned, nn.Module):
     def lm_head(self) -> nn.Module:
         return self.causal_lm.lm_head
 
-    def forward(self, input_ids, attention_mask=None, labels=None, *, position_ids=None, past_key_values=None,
+    def forward(self, input_ids, attention_mask=None, labels=None, *, position_ids=None, cache=None,
                 use_cache=False, return_logits=None) -> M2PTOutput:
         """input_ids (B, T); attention_mask (B, T_past + T); labels (B, T) -> loss, logits (B, T, V)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
         embeds = self.language_model.embed_tokens(input_ids)
-        return text_forward(self, embeds, attention_mask, labels, position_ids, past_key_values, use_cache,
-                            return_logits)
+        return text_forward(self, embeds, attention_mask, labels, position_ids, cache, use_cache, return_logits)
 
     def generate(self, input_ids, max_new_tokens=32, **kwargs) -> torch.Tensor:
         """Greedy or sampled decoding with a KV cache; see m2pt_fast.generation.generate."""

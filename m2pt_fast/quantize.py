@@ -226,10 +226,8 @@ def _parameters_on_meta():
             param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
         original(module, name, param)
 
-    try:
-        from transformers.initialization import no_init_weights
-    except ImportError:  # an older transformers: initialization runs, only slower
-        no_init_weights = contextlib.nullcontext
+    from .compat import no_init_weights
+
     nn.Module.register_parameter = register
     try:
         with no_init_weights():

@@ -1,4 +1,4 @@
-"""The reference form of deep prompts (DESIGN.md §1), stated plainly on transformers' own layers.
+"""The reference form of deep prompts (docs/method.md), stated plainly on transformers' own layers.
 
 Prompt rows live in the sequence: prepended before the first layer, overwritten with the next
 layer's prompts before every later layer. Every fast path is checked against these functions.
@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import DynamicCache
-from transformers.masking_utils import create_causal_mask
+
+from .compat import cache_kwargs, causal_mask, new_cache
 
 IGNORE_INDEX = -100
 
@@ -38,18 +38,18 @@ def clip_states(vision, hidden: torch.Tensor, prompts: torch.Tensor, depth: int)
     return states
 
 
-def text_forward(lm, lm_head, prompts, embeds, attention_mask, labels, position_ids, past_key_values, use_cache):
+def text_forward(lm, lm_head, prompts, embeds, attention_mask, labels, position_ids, cache, use_cache):
     """Decoder forward with deep text prompts in the sequence.
 
     lm: a transformers LlamaModel; prompts: (L, n, d); embeds: (B, T, d) input embeddings of the
     new tokens; attention_mask: (B, T_past + T) over text tokens; labels: (B, T) or None;
-    position_ids: (B, T) text positions or None (0.. for a fresh sequence); past_key_values: a cache
-    holding earlier tokens, the prompt rows first. Returns (loss, logits (B, T, V), cache).
+    position_ids: (B, T) text positions or None (0.. for a fresh sequence); cache: a KV cache holding
+    earlier tokens, the prompt rows first. Returns (loss, logits (B, T, V), cache).
     """
     batch, seq_len, _ = embeds.shape
     n = prompts.shape[1]
     device = embeds.device
-    past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+    past_len = cache.get_seq_length() if cache is not None else 0
     prefill = past_len == 0
     text_past = 0 if prefill else past_len - n
     if attention_mask is None:
@@ -72,18 +72,15 @@ def text_forward(lm, lm_head, prompts, embeds, attention_mask, labels, position_
         hidden = _with_prompts(hidden, prompts[0], replace=False)
         positions = torch.cat([torch.arange(n, device=device).expand(batch, n), positions], dim=1)
 
-    cache = past_key_values
     if use_cache and cache is None:
-        cache = DynamicCache(config=lm.config)
-    causal_mask = create_causal_mask(
-        config=lm.config, inputs_embeds=hidden, attention_mask=mask, past_key_values=cache, position_ids=positions
-    )
+        cache = new_cache(lm.config)
+    layer_mask = causal_mask(lm.config, hidden, mask, cache, positions)
     rope = lm.rotary_emb(hidden, position_ids=positions)
     for j, layer in enumerate(lm.layers):
         if inserted and j > 0:
             hidden = _with_prompts(hidden, prompts[j], replace=True)
-        hidden = layer(hidden, attention_mask=causal_mask, position_embeddings=rope, position_ids=positions,
-                       past_key_values=cache, use_cache=use_cache)
+        hidden = layer(hidden, attention_mask=layer_mask, position_embeddings=rope, position_ids=positions,
+                       use_cache=use_cache, **cache_kwargs(cache))
     logits = lm_head(lm.norm(hidden))  # (B, [n +] T, V)
 
     loss = None

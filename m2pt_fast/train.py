@@ -14,26 +14,18 @@ micro-batch, DeepSpeed steps at accumulation boundaries) -> cleanup (barrier, de
 from __future__ import annotations
 
 if __name__ == "__main__" and not __package__:
-    # Run by path: import this checkout's package, not an installed copy, without putting the
-    # repository root on sys.path (kernels/ would become a top-level `kernels`, which bitsandbytes
-    # probes for) and without the script's own directory (its modules are not top-level ones).
-    import importlib.util
+    # Run by path (`deepspeed m2pt_fast/train.py`): Python put this file's folder first on sys.path,
+    # which would make the package's own modules (data, model, ...) importable as top-level ones.
+    # Take it off; m2pt_fast and m2pt_kernels come from the install (bash setup.sh).
     import sys
     from pathlib import Path
 
-    def _register(name: str, directory: Path) -> None:
-        spec = importlib.util.spec_from_file_location(
-            name, directory / "__init__.py", submodule_search_locations=[str(directory)]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-
-    _package = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _package]
-    if (_package.parent / "setup.py").is_file() and (_package.parent / "kernels" / "__init__.py").is_file():
-        _register("m2pt_kernels", _package.parent / "kernels")  # source checkout: its own kernel library
-    _register("m2pt_fast", _package)
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+    try:
+        import m2pt_fast  # noqa: F401
+    except ImportError as exc:
+        sys.exit(f"cannot import m2pt_fast ({exc}): install this checkout first (bash setup.sh, or "
+                 "pip install -e .), or run with PYTHONPATH=kernels:. from its root (kernels/README.md)")
 
 import contextlib
 import dataclasses
@@ -547,7 +539,7 @@ class M2PTRecipe:
             log.info("done: %d steps, last loss %.4f; prompts in %s", self.global_step, loss, path)
 
     def cleanup(self) -> None:
-        # Without the barrier, 2-rank gloo runs sometimes abort at exit (DESIGN.md §4).
+        # Without the barrier, 2-rank gloo runs sometimes abort at exit (docs/compatibility.md).
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()

@@ -329,16 +329,9 @@ def test_native_library_can_be_turned_off():
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
-    kernels_dir = Path(nf4_ops.__file__).resolve().parent
-    code = (
-        "import importlib.util, sys\n"
-        f"spec = importlib.util.spec_from_file_location('m2pt_kernels', {str(kernels_dir / '__init__.py')!r}, "
-        f"submodule_search_locations=[{str(kernels_dir)!r}])\n"
-        "m = importlib.util.module_from_spec(spec); sys.modules['m2pt_kernels'] = m; spec.loader.exec_module(m)\n"
-        "from m2pt_kernels import _native; print(_native.available(), _native.describe())\n"
-    )
+    # The child imports this checkout's m2pt_kernels through the PYTHONPATH conftest.py sets.
+    code = "from m2pt_kernels import _native; print(_native.available(), _native.describe())"
     env = dict(os.environ, M2PT_NATIVE="0", TRITON_INTERPRET="0")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env, cwd="/")
     assert out.stdout.startswith("False NF4 CPU path: PyTorch reference (turned off by M2PT_NATIVE=0)")
@@ -383,17 +376,10 @@ def test_kernels_compile_for_sm90(tmp_path):
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
     pytest.importorskip("triton.backends.nvidia")
-    kernels_dir = Path(nf4_ops.__file__).resolve().parent
-    setup = ("import importlib.util, sys\n"
-             f"spec = importlib.util.spec_from_file_location('m2pt_kernels', {str(kernels_dir / '__init__.py')!r}, "
-             f"submodule_search_locations=[{str(kernels_dir)!r}])\n"
-             "module = importlib.util.module_from_spec(spec); sys.modules['m2pt_kernels'] = module\n"
-             "spec.loader.exec_module(module)\n")
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
-    result = subprocess.run([sys.executable, "-c", setup + COMPILE_FOR_SM90], capture_output=True, text=True,
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))  # PYTHONPATH: conftest.py
+    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], capture_output=True, text=True,
                             env=env, cwd=tmp_path)
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
 

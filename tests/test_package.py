@@ -1,30 +1,67 @@
+"""How the two packages are found (kernels/README.md): installed, from a checkout, and never as `kernels`."""
+import os
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run_elsewhere(code: str) -> str:
-    # From a neutral directory, so only the installed packages are visible (not the checkout's cwd).
+def _run(code: str, pythonpath: list[Path] | None) -> str:
+    """Run `code` in a fresh Python in a neutral directory, with only `pythonpath` added to the installed
+    packages (None: the installed packages alone)."""
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(str(p) for p in pythonpath)
     with tempfile.TemporaryDirectory() as cwd:
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=cwd)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout.strip()
 
 
+def _installed() -> bool:
+    return _run("import importlib.util; print(importlib.util.find_spec('m2pt_kernels') is not None)", None) == "True"
+
+
 def test_kernel_library_never_imports_m2pt_fast():
-    assert _run_elsewhere("import sys, m2pt_kernels, m2pt_kernels.reference; print('m2pt_fast' in sys.modules)") == "False"
+    code = "import sys, m2pt_kernels, m2pt_kernels.reference; print('m2pt_fast' in sys.modules)"
+    assert _run(code, [ROOT / "kernels"]) == "False"
 
 
-def test_no_top_level_kernels_package():
-    # bitsandbytes probes for a package named `kernels`; ours must only be importable as m2pt_kernels.
-    assert _run_elsewhere("import importlib.util; print(importlib.util.find_spec('kernels'))") == "None"
+def test_kernels_folder_is_not_a_package():
+    # A kernels/__init__.py would make the checkout's root a place to import a top-level `kernels` from.
+    assert not (ROOT / "kernels" / "__init__.py").exists()
+    assert (ROOT / "kernels" / "m2pt_kernels" / "__init__.py").is_file()
 
 
-def test_kernels_directory_found_as_top_level_kernels_stays_inert():
-    # With the repository root on sys.path, transformers and bitsandbytes import a top-level `kernels`
-    # while probing for the Hugging Face kernel hub: it must offer them nothing and register no ops.
-    import os
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = (f"import sys; sys.path.insert(0, {root!r}); import kernels, torch; "
-            "print(hasattr(kernels, 'prefix_attention'), hasattr(kernels, '__version__'), "
-            "hasattr(torch.ops.m2pt_kernels, 'prefix_attention_forward'))")
-    assert _run_elsewhere(code) == "False False False"
+def test_checkout_imports_its_own_packages():
+    # What pyproject.toml's pythonpath and conftest.py's PYTHONPATH give the tests and their children.
+    code = "import m2pt_kernels, m2pt_fast; print(m2pt_kernels.__file__); print(m2pt_fast.__file__)"
+    kernels_file, fast_file = _run(code, [ROOT / "kernels", ROOT]).splitlines()
+    assert Path(kernels_file) == ROOT / "kernels" / "m2pt_kernels" / "__init__.py"
+    assert Path(fast_file) == ROOT / "m2pt_fast" / "__init__.py"
+
+
+def test_installed_packages_and_no_top_level_kernels():
+    if not _installed():
+        pytest.skip("this environment has no installed m2pt-fast (bash setup.sh installs it)")
+    code = ("import importlib.util, m2pt_kernels, m2pt_fast; print(importlib.util.find_spec('kernels')); "
+            "print(m2pt_kernels.prefix_attention.__module__)")
+    assert _run(code, None).splitlines() == ["None", "m2pt_kernels.prefix_attention"]
+
+
+def test_checkout_root_on_sys_path_gives_the_probes_nothing():
+    # With the root on sys.path (python -m ... run from it), `kernels` is an empty namespace package:
+    # transformers' probe must call the kernel hub absent (5.24 imports the module to decide), the
+    # bitsandbytes probe's import must fail, and no torch op may be registered twice.
+    code = ("import kernels, torch\n"
+            "from transformers.utils import import_utils\n"
+            "print(kernels.__file__, [n for n in dir(kernels) if not n.startswith('__')])\n"
+            "print(import_utils.is_kernels_available())\n"
+            "try:\n    from kernels import get_kernel\nexcept ImportError:\n    print('ImportError')\n"
+            "print(hasattr(torch.ops.m2pt_kernels, 'prefix_attention_forward'))\n")
+    assert _run(code, [ROOT]).splitlines() == ["None []", "False", "ImportError", "False"]

@@ -1,6 +1,6 @@
 """m2pt_kernels.prefix_attention against its float64 reference: output and all five gradients.
 
-Error-ratio rule (STYLE.md): the kernel's error against the float64 reference may be at most twice
+Error-ratio rule: the kernel's error against the float64 reference may be at most twice
 the error of the plain PyTorch reference run in the kernel's dtype, plus a small absolute floor
 (where the low-precision reference happens to be almost exact, a ratio of tiny numbers means
 nothing). Without a GPU the kernels run in the Triton interpreter (conftest sets
@@ -464,16 +464,11 @@ def _run_compiler(script: str):
     import subprocess
     import sys
     import tempfile
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    setup = (f"import importlib.util, sys; spec = importlib.util.spec_from_file_location('m2pt_kernels', "
-             f"{str(root / 'kernels' / '__init__.py')!r}, submodule_search_locations=[{str(root / 'kernels')!r}]); "
-             f"module = importlib.util.module_from_spec(spec); sys.modules['m2pt_kernels'] = module; "
-             f"spec.loader.exec_module(module)\n")
+    # The child imports this checkout's m2pt_kernels through the PYTHONPATH conftest.py sets.
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=cache)
-        return subprocess.run([sys.executable, "-c", setup + script], capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                               env=env, cwd=cache)
 
 

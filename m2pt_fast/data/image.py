@@ -24,12 +24,9 @@ class ImagePreprocessor:
 
     @classmethod
     def clip_default(cls, image_size: int) -> "ImagePreprocessor":
-        try:  # transformers >= 5.x names the PIL-only processor; the plain name wants torchvision
-            from transformers import CLIPImageProcessorPil as CLIPImageProcessor
-        except ImportError:
-            from transformers import CLIPImageProcessor
+        from ..compat import CLIPImageProcessorPil  # the plain CLIPImageProcessor wants torchvision
 
-        processor = CLIPImageProcessor(
+        processor = CLIPImageProcessorPil(
             size={"shortest_edge": image_size},
             crop_size={"height": image_size, "width": image_size},
             image_mean=list(CLIP_MEAN),
@@ -39,7 +36,7 @@ class ImagePreprocessor:
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, image_size: int) -> "ImagePreprocessor":
-        from transformers import AutoImageProcessor
+        from ..compat import load_image_processor
 
         config = Path(model_dir) / "preprocessor_config.json"
         if not config.is_file():
@@ -47,21 +44,7 @@ class ImagePreprocessor:
                 f"{config} not found: the model directory must carry its image processor config "
                 "(save it with processor.save_pretrained(dir) next to the model)"
             )
-        try:
-            processor = AutoImageProcessor.from_pretrained(str(model_dir), local_files_only=True)
-        except ImportError:
-            # Some transformers 5 releases build the default (torchvision) processor here and fail
-            # without torchvision; the PIL variant of the same class reads the same config.
-            import json
-
-            import transformers
-
-            kind = json.loads(config.read_text()).get("image_processor_type", "")
-            pil_class = getattr(transformers, kind.removesuffix("Fast") + "Pil", None)
-            if pil_class is None:
-                raise
-            processor = pil_class.from_pretrained(str(model_dir), local_files_only=True)
-        return cls(processor, image_size)
+        return cls(load_image_processor(str(model_dir)), image_size)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         pixels = self.processor(images=image.convert("RGB"), return_tensors="pt").pixel_values[0]

@@ -33,8 +33,8 @@ def _candidates():
         yield Path(env)
     # setup.py puts it beside this file (named like an extension module: libm2pt_nf4.cpython-*.so)
     yield from sorted(here.glob("libm2pt_nf4*.so"))
-    # a standalone development build (cmake -S . -B build) next to the checkout
-    yield here.parent / "build" / LIBRARY_NAME
+    # a standalone development build (cmake -S . -B build) at the checkout's root
+    yield here.parents[1] / "build" / LIBRARY_NAME
 
 
 def _load() -> Optional[ctypes.CDLL]:

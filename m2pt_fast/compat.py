@@ -1,0 +1,89 @@
+"""What differs between the transformers releases m2pt_fast supports, in one place.
+
+Supported: transformers 5.17 through 5.24 (setup.py states the range; docs/compatibility.md lists what
+was run). Everything else in m2pt_fast calls transformers through the names below, so a new release
+that moves something again is fixed here, and `tests/test_compat.py` says what broke.
+
+What moved, and when:
+- 5.24 renamed the cache argument of every layer, model forward and mask helper from
+  `past_key_values` to `cache`, and the cache field of every `ModelOutput` likewise. The old names
+  still work there but warn ("deprecated ... removed in version 5.40.0"); passing the new name to an
+  older release is worse than an error: its layers take **kwargs and ignore it, so nothing is cached.
+  The release is told apart by the mask helper's signature, not by a version number.
+- 5.24 checkpoints a `GradientCheckpointingLayer`'s `forward` rather than its `__call__`; both read
+  the same two attributes (`gradient_checkpointing`, `_gradient_checkpointing_func`), set here.
+- Some releases build an image processor directory's default (torchvision) class in
+  `AutoImageProcessor` and fail without torchvision; the PIL class of the same name reads the same
+  config (`load_image_processor`).
+"""
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoImageProcessor, CLIPImageProcessorPil, masking_utils
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.initialization import no_init_weights
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.llama.modeling_llama import rotate_half
+
+__all__ = [
+    "CACHE_KWARG",
+    "CLIPImageProcessorPil",
+    "Cache",
+    "GradientCheckpointingLayer",
+    "cache_kwargs",
+    "causal_mask",
+    "load_image_processor",
+    "new_cache",
+    "no_init_weights",
+    "rotate_half",
+    "set_layer_checkpointing",
+]
+
+# The keyword transformers' decoder layers and mask helpers take their KV cache under.
+CACHE_KWARG = "cache" if "cache" in inspect.signature(masking_utils.create_causal_mask).parameters else "past_key_values"
+
+
+def cache_kwargs(cache: Cache | None) -> dict:
+    """{name: cache} under the installed release's name, for a layer or model forward call."""
+    return {CACHE_KWARG: cache}
+
+
+def new_cache(config) -> DynamicCache:
+    """An empty KV cache laid out for `config` (a decoder config)."""
+    return DynamicCache(config=config)
+
+
+def causal_mask(config, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, cache: Cache | None,
+                position_ids: torch.Tensor):
+    """transformers' causal mask for the model's attention implementation (None where it needs none).
+
+    inputs_embeds: (B, T, d) the new tokens; attention_mask: (B, T_past + T) 1/0; position_ids: (B, T).
+    """
+    return masking_utils.create_causal_mask(config=config, inputs_embeds=inputs_embeds,
+                                            attention_mask=attention_mask, position_ids=position_ids,
+                                            **cache_kwargs(cache))
+
+
+def set_layer_checkpointing(layer: GradientCheckpointingLayer, enabled: bool, recompute) -> None:
+    """Turn a transformers layer's own activation checkpointing on or off; `recompute(fn, *args)`
+    runs fn and recomputes it in backward (e.g. torch.utils.checkpoint.checkpoint)."""
+    layer.gradient_checkpointing = enabled
+    layer._gradient_checkpointing_func = recompute
+
+
+def load_image_processor(model_dir: str):
+    """The image processor saved in `model_dir` (its preprocessor_config.json), from local files only."""
+    try:
+        return AutoImageProcessor.from_pretrained(model_dir, local_files_only=True)
+    except ImportError:
+        config = json.loads((Path(model_dir) / "preprocessor_config.json").read_text())
+        kind = config.get("image_processor_type", "")
+        pil_class = getattr(transformers, kind.removesuffix("Fast").removesuffix("Pil") + "Pil", None)
+        if pil_class is None:
+            raise
+        return pil_class.from_pretrained(model_dir, local_files_only=True)
