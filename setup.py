@@ -38,7 +38,7 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     "dev": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7"],
     "triton": ["triton>=3.2,<3.8"],
-    "bitsandbytes": ["bitsandbytes>=0.46.1,<0.51"],
+    "bitsandbytes": ["bitsandbytes>=0.50,<0.51"],
     # deepspeed ships only an sdist; setup.sh builds it with DS_BUILD_OPS=0 (ops JIT-compile later).
     "deepspeed": ["deepspeed>=0.17,<0.20"],
     # flash-attn has no wheel on the registry (CUDA source build): never required.

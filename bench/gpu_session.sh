@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The GPU checks and benchmarks in as few calls as possible, for a machine with a CUDA GPU whose
-# Python already has torch, triton and transformers (the package need not be installed: conftest.py
-# registers this checkout). Logs and result files go to $OUT (default: gpu-out/).
+# Python already has torch, triton and transformers (the package need not be installed: pytest
+# imports this checkout, kernels/README.md). Logs and result files go to $OUT (default: gpu-out/).
 #
 #   bash bench/gpu_session.sh tests      # the test suite on CUDA (bf16/fp16 kernels at real shapes)
 #   bash bench/gpu_session.sh kernels    # prefix-attention and NF4 benches
 #   bash bench/gpu_session.sh step       # the end-to-end training step, ours vs baseline (headline)
 #   bash bench/gpu_session.sh all        # all three (may exceed a 10-minute command limit)
 #
-# Missing bitsandbytes/deepspeed: put their wheels in .whl/ first (../shared/tools/gpu-wheels.sh);
-# this script installs whatever is there into /tmp/site.
+# A machine without bitsandbytes/deepspeed and without a registry: build their wheels where there is
+# one (pip download --no-deps -d .whl bitsandbytes; DS_BUILD_OPS=0 pip wheel --no-deps -w .whl deepspeed)
+# and bring .whl/ along; this script installs whatever is there into /tmp/site.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}

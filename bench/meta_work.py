@@ -3,7 +3,7 @@
     python bench/meta_work.py                 # count the headline step, print a Markdown table (~30 s)
     python bench/meta_work.py RESULTS.json    # the same table from a saved run of bench/test_bench_work.py
 
-Meta tensors carry shapes and dtypes but no memory and no values, so DESIGN.md §5's headline step
+Meta tensors carry shapes and dtypes but no memory and no values, so the headline step (docs/benchmarks.md)
 (LLaVA-1.5-7B, micro-batch 8, 576 image + 128 text tokens, 32 answer tokens, n_v = n_t = 10, bf16)
 "runs" on a CPU in seconds, forward and backward, checkpoint recomputation included. Counted:
 - executed FLOPs, by `torch.utils.flop_counter.FlopCounterMode`: every matmul, convolution and
@@ -159,7 +159,7 @@ class StepWork:
 
 
 def headline_shape(text_tokens: int | None = None):
-    """DESIGN.md §5's headline step with dense bf16 weights (the only form meta can hold)."""
+    """The headline step (docs/benchmarks.md) with dense bf16 weights (the only form meta can hold)."""
     import workloads
 
     shape = dataclasses.replace(workloads.HEADLINE, quant="none")
@@ -218,7 +218,7 @@ def markdown_table(counts: list[StepWork]) -> str:
                     f"{c.executed_tflop / c.useful_tflop:.3f} | {c.largest_vocab_tensor_bytes / 2**20:,.0f} MiB "
                     f"({shape}) | {c.vocab_tensor_bytes_total / 2**30:.2f} GiB |")
     useful = counts[0].useful_tflop
-    rows.append(f"\nUseful (DESIGN.md §5, `workloads.useful_flops_per_sample` × 8): {useful:.1f} TFLOP per step.")
+    rows.append(f"\nUseful (docs/benchmarks.md, `workloads.useful_flops_per_sample` × 8): {useful:.1f} TFLOP per step.")
     return "\n".join(rows)
 
 

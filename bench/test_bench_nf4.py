@@ -1,4 +1,4 @@
-"""Benchmark: NF4 dequantize and nf4_linear against bitsandbytes (DESIGN.md §5).
+"""Benchmark: NF4 dequantize and nf4_linear against bitsandbytes (docs/benchmarks.md).
 
     pytest bench/test_bench_nf4.py --benchmark-only [--benchmark-json=bench/results/nf4.json]
 
@@ -83,7 +83,7 @@ def test_bench_nf4_dequantize(benchmark, weight, provider):
     w = _weight(n, k)
     if provider == "bitsandbytes":
         if bitsandbytes is None:
-            pytest.skip("bitsandbytes is not installed (on the GPU machine: bash ../shared/tools/gpu-wheels.sh)")
+            pytest.skip("bitsandbytes is not installed (offline: its wheel in .whl/, see bench/gpu_session.sh)")
         packed, state = bnb_functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
         fn = lambda: bnb_functional.dequantize_4bit(packed, state)  # noqa: E731
     else:
@@ -108,7 +108,7 @@ def test_bench_nf4_linear(benchmark, weight, M, provider, pass_):
     dy = torch.randn(M, n, generator=g).to(DEVICE, DTYPE)
     if provider == "bitsandbytes":
         if bitsandbytes is None:
-            pytest.skip("bitsandbytes is not installed (on the GPU machine: bash ../shared/tools/gpu-wheels.sh)")
+            pytest.skip("bitsandbytes is not installed (offline: its wheel in .whl/, see bench/gpu_session.sh)")
         packed, state = bnb_functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
         # matmul_4bit takes the packed weight transposed, as bitsandbytes' Linear4bit passes it
         forward = lambda: bitsandbytes.matmul_4bit(x, packed.t(), quant_state=state)  # noqa: E731

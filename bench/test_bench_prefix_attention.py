@@ -1,4 +1,4 @@
-"""Benchmark: prefix_attention vs what users write today (DESIGN.md §5).
+"""Benchmark: prefix_attention vs what users write today (docs/benchmarks.md).
 
     pytest bench/test_bench_prefix_attention.py --benchmark-only [--benchmark-json=bench/results/prefix_attention.json]
 

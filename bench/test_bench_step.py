@@ -2,7 +2,7 @@
 
     pytest bench/test_bench_step.py --benchmark-only
 
-On CUDA: DESIGN.md §5's headline shape (LLaVA-1.5-7B, NF4, bf16, micro-batch 8, 576 image + 128 text
+On CUDA: the headline shape of docs/benchmarks.md (LLaVA-1.5-7B, NF4, bf16, micro-batch 8, 576 image + 128 text
 tokens, 32 answer tokens, n_v = n_t = 10), reporting samples/s, tokens/s, peak memory and MFU against
 the dense bf16 rate measured in the same run, plus the largest micro-batch that fits in 24 GiB; the
 run also writes bench/results/headline-<gpu>-<date>.json. On a CPU: a tiny shape, to prove the

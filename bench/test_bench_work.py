@@ -2,7 +2,7 @@
 
     pytest bench/test_bench_work.py --benchmark-only
 
-DESIGN.md §5's headline shape at full size (LLaVA-1.5-7B, micro-batch 8, 576 image + 128 text
+The headline shape of docs/benchmarks.md at full size (LLaVA-1.5-7B, micro-batch 8, 576 image + 128 text
 tokens, 32 answer tokens, n_v = n_t = 10, bf16, dense weights), ours (fused) and the baseline
 (reference, transformers' checkpointing), checkpointing on and off: executed FLOPs of forward +
 backward (recomputation included) beside the useful FLOPs, and the vocabulary-sized tensors each

@@ -1,4 +1,4 @@
-"""What the end-to-end benchmarks run: ours and the baseline a user writes today (DESIGN.md §5).
+"""What the end-to-end benchmarks run: ours and the baseline a user writes today (docs/benchmarks.md).
 
 - ours: build_llava → m2pt_fast.quantize.quantize_model (our NF4) → apply_m2pt(backend="fused");
 - baseline: the same random LLaVA with bitsandbytes Linear4bit layers (nf4, double quant, compute in
@@ -103,7 +103,7 @@ def build(provider: str, shape: StepShape, device: str, checkpointing: bool = Tr
 
 
 def headline_figures(results: dict) -> dict:
-    """Each side at its faster checkpointing choice (DESIGN.md §5: 'as each side chooses best')."""
+    """Each side at its faster checkpointing choice (docs/benchmarks.md: 'as each side runs faster')."""
     steps = results.get("steps", {})
     if not steps:
         return {}
@@ -160,7 +160,7 @@ def max_microbatch(provider: str, shape: StepShape, device: str = "cuda", limit_
 
 
 def useful_flops_per_sample(model, shape: StepShape) -> float:
-    """Forward + input-gradient backward of every matmul and attention (DESIGN.md §5).
+    """Forward + input-gradient backward of every matmul and attention (docs/benchmarks.md).
 
     A frozen linear layer's backward is one matmul (dX), as much as its forward: 2 × forward.
     Attention has no weights: its inputs Q, K, V are all activations, so its backward is four

@@ -496,7 +496,7 @@ def test_interpreter_runs_loops_to_runtime_bounds():
     assert _interpreter._probe()
 
 
-# Real shapes on a GPU (DESIGN.md §5): ViT-L/14-336 and LLaMA-7B layers with a 10-row prompt, plus
+# Real shapes on a GPU (docs/benchmarks.md): ViT-L/14-336 and LLaMA-7B layers with a 10-row prompt, plus
 # the other supported head dims, GQA and padding. Reference in fp32 (fp64 would take minutes).
 CUDA_CASES = [
     Case(8, 16, 16, 577, 10, 64),

@@ -240,7 +240,22 @@ def _prompt_file_key(module_key: str) -> str:
 def _checkpointed_masters(checkpoint: Path) -> dict:
     """The fp32 masters DeepSpeed saved in a checkpoint's optimizer state, under prompt-file keys."""
     state = checkpoint / "state"
-    if list(state.glob("*zero_pp_rank_*_optim_states.pt")):  # ZeRO 1-3: fp32 partitions, one per rank
+    partitions = sorted(state.glob("*zero_pp_rank_*_optim_states.pt"),
+                        key=lambda path: int(path.name.split("zero_pp_rank_")[1].split("_")[0]))  # rank order
+    first = torch.load(partitions[0], map_location="cpu", weights_only=False) if partitions else None
+    if first is not None and "zero_stage" not in first["optimizer_state_dict"]:
+        # ZeRO-0 in bf16 before deepspeed 0.18: BF16_Optimizer, whose flat fp32 copy of the tuned
+        # parameters is cut into one partition per rank; each rank's param_slice_mappings give the
+        # (start, numel) of every parameter piece it holds, so a parameter is its pieces in rank order.
+        module = torch.load(state / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        pieces = {}
+        for path in partitions:
+            saved = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+            for flat, mapping in zip(saved["single_partition_of_fp32_groups"], saved["param_slice_mappings"]):
+                for name, fragment in mapping.items():
+                    pieces.setdefault(name, []).append(flat[fragment.start:fragment.start + fragment.numel])
+        masters = {name: torch.cat(parts).view(module[name].shape) for name, parts in pieces.items()}
+    elif partitions:  # ZeRO 1-3: fp32 partitions, one per rank
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         masters = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=state.name,

@@ -4,7 +4,7 @@ Layers, top to bottom: Triton kernels -> launchers (shape checks, grids) -> auto
 public functions `nf4_quantize`, `nf4_dequantize`, `nf4_linear`. The format and its bitsandbytes
 conversions are in nf4_format.py; the pure-PyTorch oracle is reference/nf4.py.
 
-Where the time goes (DESIGN.md §2): for training shapes (M in the thousands) the matmul dwarfs the
+Where the time goes (docs/nf4.md): for training shapes (M in the thousands) the matmul dwarfs the
 weight, so the win is a fast single-pass dequantize followed by cuBLAS. For decoding shapes
 (M of a few rows) reading 4-bit weights instead of 16-bit ones is the win, so a fused kernel
 dequantizes tiles in registers and never writes the dense weight.
@@ -196,7 +196,7 @@ def _dense(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
 
 def _forward(x: torch.Tensor, q: NF4Weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
     x2d = x.reshape(-1, x.shape[-1])                                 # (M, K)
-    # the interpreter's bf16 tl.dot returns garbage (DESIGN.md §4): on CPU bf16 takes the dense path
+    # the interpreter's bf16 tl.dot returns garbage (docs/nf4.md): on CPU bf16 takes the dense path
     interpreted_bf16 = x.device.type == "cpu" and x.dtype == torch.bfloat16
     if x2d.shape[0] <= FUSED_MAX_M and not interpreted_bf16 and _dispatch.use_triton(x2d, q.packed):
         out = _launch_fused_linear(x2d, q, bias)
