@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config,
+                          SiglipVisionConfig)
 
 
 class LinearProjector(nn.Module):
@@ -54,6 +55,21 @@ def _tiny(gqa: bool) -> LlavaConfig:
     return LlavaConfig(vision_config=vision, text_config=text, image_token_id=127, projector_hidden_act="gelu")
 
 
+def _tiny_siglip_qwen2() -> LlavaConfig:
+    # The llava-interleave-qwen family in miniature: a SigLIP tower (no CLS, no pre-layernorm, every
+    # patch kept: strategy "full", the last layer's features) and a Qwen2 decoder (q/k/v biases).
+    vision = SiglipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        image_size=28, patch_size=7,
+    )
+    text = Qwen2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, max_position_embeddings=512, pad_token_id=0,
+    )
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=127, projector_hidden_act="gelu",
+                       vision_feature_layer=-1, vision_feature_select_strategy="full")
+
+
 def _llava_15_7b() -> LlavaConfig:
     # llava-hf/llava-1.5-7b-hf: CLIP ViT-L/14 at 336 px (576 patches), 2-layer GELU MLP projector,
     # Vicuna-7B v1.5 with 64 extra rows of vocabulary, the image token at 32000.
@@ -77,6 +93,7 @@ def _llava_v1_7b() -> LlavaConfig:
 NAMED_CONFIGS = {
     "tiny": lambda: _tiny(gqa=False),
     "tiny-gqa": lambda: _tiny(gqa=True),
+    "tiny-siglip-qwen2": _tiny_siglip_qwen2,
     "llava-1.5-7b": _llava_15_7b,
     "llava-v1-7b": _llava_v1_7b,
 }

@@ -1,12 +1,20 @@
-"""Autoregressive decoding with a KV cache, for M2PTLlava and DeepTextPrompts.
+"""Decoding with transformers' own `generate`, the prompt K/V as the prefix of its KV cache.
 
-The prompt rows enter the cache once, at prefill, so decode steps cost the same as without prompts.
-Batches must be left-padded (as transformers generation expects): new tokens are appended at the
-right end of every row.
+The text prompts act on the decoded tokens only through every decoder layer's keys and values
+(docs/method.md), so decoding starts from a cache that already holds them: each layer's prompt K/V,
+computed once by that layer itself (m2pt_fast/fused.py: prompt_cache) and expanded over the batch.
+transformers' generate then runs on the input embeddings (image features included, computed with
+the vision prompts), with the attention mask extended by the n prompt positions; it derives the
+positions from that mask, so text positions start at n and left padding is skipped, as in the
+reference form. Greedy decoding, sampling, beam search, stopping criteria and logits processors are
+the library's.
 """
 from __future__ import annotations
 
 import torch
+
+from . import fused
+from .compat import cache_kwargs
 
 
 def _check_left_padded(attention_mask: torch.Tensor) -> None:
@@ -18,80 +26,49 @@ def _check_left_padded(attention_mask: torch.Tensor) -> None:
         )
 
 
-def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """logits: (B, V) -> the same with tokens outside top-k / the top-p nucleus set to -inf."""
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # drop a token when the tokens ranked above it already reach top_p (the best one always stays)
-        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
 @torch.no_grad()
-def generate(
-    model,
-    input_ids: torch.Tensor,
-    pixel_values: torch.Tensor | None = None,
-    max_new_tokens: int = 32,
-    *,
-    attention_mask: torch.Tensor | None = None,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    eos_token_id: int | None = None,
-    pad_token_id: int | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
+def generate(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, max_new_tokens: int = 32,
+             *, attention_mask: torch.Tensor | None = None, do_sample: bool = False, **generate_kwargs) -> torch.Tensor:
     """Returns (B, T + new) token ids: the input followed by up to `max_new_tokens` new tokens.
 
-    Greedy by default; `do_sample=True` samples from softmax(logits / temperature) restricted to the
-    top_k tokens and the top_p nucleus. Rows that emitted `eos_token_id` are continued with
-    `pad_token_id` (default: eos) until every row has finished or the budget is spent.
+    `model` is an M2PTLlava or a DeepTextPrompts; input_ids (B, T) left-padded, with its image tokens
+    for `pixel_values`. Greedy unless `do_sample=True`; every other keyword (temperature, top_k,
+    top_p, num_beams, eos_token_id, pad_token_id, stopping_criteria, ...) is transformers' generate's,
+    with the model's generation_config filling what is not given. Sampling draws from torch's global
+    generator (torch.manual_seed), as transformers does.
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if do_sample and not temperature > 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    batch, _ = input_ids.shape
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+                         f"got {tuple(attention_mask.shape)}")
     _check_left_padded(attention_mask)
-    if pad_token_id is None:
-        pad_token_id = eos_token_id if eos_token_id is not None else 0
+    if max_new_tokens == 0:
+        return input_ids
 
-    # Positions count real tokens only, so left padding does not shift them.
-    positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-    images = {} if pixel_values is None else {"pixel_values": pixel_values}
-    out = model(input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True, **images)
-    tokens = input_ids
-    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-    next_position = positions[:, -1:] + 1
-    for step in range(max_new_tokens):
-        logits = out.logits[:, -1].float()  # (B, V)
-        if do_sample:
-            logits = _filter_logits(logits / temperature, top_k, top_p)
-            next_token = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
-        else:
-            next_token = logits.argmax(dim=-1)
-        next_token = torch.where(finished, torch.full_like(next_token, pad_token_id), next_token)
-        tokens = torch.cat([tokens, next_token[:, None]], dim=1)
-        if eos_token_id is not None:
-            finished |= next_token == eos_token_id
-            if finished.all():
-                break
-        if step == max_new_tokens - 1:
-            break
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, 1)], dim=1)
-        out = model(next_token[:, None], attention_mask=attention_mask, position_ids=next_position,
-                    cache=out.cache, use_cache=True)
-        next_position = next_position + 1
-    return tokens
+    was_training = model.training
+    model.eval()  # some releases turn the cache off for layers in training mode with checkpointing on
+    try:
+        embeds = model.embed_inputs(input_ids, pixel_values)  # (B, T, d)
+        batch, n = input_ids.shape[0], model.num_text_prompts
+        # transformers repeats every row num_beams times for beam search (num_return_sequences times
+        # otherwise) but takes a cache as given: it gets that many rows, all equal (the prompts are
+        # shared by the batch).
+        defaults = model.frozen_model.generation_config
+        beams = generate_kwargs.get("num_beams") or defaults.num_beams or 1
+        returned = generate_kwargs.get("num_return_sequences") or defaults.num_return_sequences or 1
+        cache = fused.prompt_cache(model.language_model, model.text_prompts, batch * (beams if beams > 1 else returned))
+        # transformers feeds only the positions the cache does not hold yet: n placeholder rows stand
+        # for the prompt positions, which the cache holds.
+        embeds = torch.cat([embeds.new_zeros(batch, n, embeds.shape[-1]), embeds], dim=1)
+        mask = torch.cat([attention_mask.new_ones(batch, n), attention_mask], dim=1)
+        new_tokens = model.frozen_model.generate(inputs_embeds=embeds, attention_mask=mask, **cache_kwargs(cache),
+                                                 max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                                 **generate_kwargs)
+    finally:
+        model.train(was_training)
+    return torch.cat([input_ids.repeat_interleave(returned, dim=0), new_tokens.to(input_ids.device)], dim=1)

@@ -13,7 +13,8 @@ The "reference" backend computes the reference form of docs/method.md, step by s
   are overwritten with `text_prompts[j]`.
 It is the oracle every fast path is checked against, so it favours plainness over speed
 (m2pt_fast/reference.py). The "fused" backend computes the same function with the prompts as
-batch-shared prefix K/V inside attention and a loss over answer tokens only (m2pt_fast/fused.py).
+batch-shared prefix K/V inside the model's own attention (m2pt_fast/attention.py) and a loss over
+answer tokens only (m2pt_fast/fused.py).
 `backend` can be switched between calls on the same object.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ from transformers import LlavaForConditionalGeneration
 from transformers.utils import ModelOutput
 
 from . import fused, reference
+from .attention import route_attention
 from .compat import Cache, GradientCheckpointingLayer, set_layer_checkpointing
 from .generation import generate
 
@@ -69,7 +71,8 @@ class M2PTOutput(ModelOutput):
 
 
 def clip_parts(clip_model: nn.Module) -> nn.Module:
-    """The module holding a CLIPVisionModel's embeddings, pre_layrnorm and encoder."""
+    """The module holding a vision tower's embeddings, encoder and (CLIP) pre_layrnorm: a
+    CLIPVisionModel or a SiglipVisionModel."""
     # transformers 5 puts them on CLIPVisionModel itself; earlier layouts nest them in .vision_model.
     return getattr(clip_model, "vision_model", clip_model)
 
@@ -78,12 +81,15 @@ def vision_states(model, tower: nn.Module, pixel_values: torch.Tensor, prompts: 
                   depth: int) -> list[torch.Tensor]:
     """CLIP states after 0..depth encoder layers (prompt rows removed), by `model`'s backend.
 
-    tower: the clip_parts of a CLIPVisionModel; pixel_values (B, 3, H, W); prompts (>= depth, n, d).
+    tower: the clip_parts of a CLIP or SigLIP vision model; pixel_values (B, 3, H, W); prompts
+    (>= depth, n, d). The prompts join the sequence where the encoder layers start: after CLIP's
+    pre-layernorm (SigLIP has none).
     """
     hidden = tower.embeddings(pixel_values.to(tower.embeddings.patch_embedding.weight.dtype))
-    hidden = tower.pre_layrnorm(hidden)  # (B, 1 + patches, d)
+    if hasattr(tower, "pre_layrnorm"):
+        hidden = tower.pre_layrnorm(hidden)  # (B, [CLS +] patches, d)
     if model.backend == "fused":
-        return fused.clip_states(tower, hidden, prompts, depth, model.training)
+        return fused.clip_states(tower, hidden, prompts, depth)
     return reference.clip_states(tower, hidden, prompts, depth)
 
 
@@ -170,6 +176,7 @@ class M2PTLlava(PromptTuned, nn.Module):
         self.llava = llava
         self.m2pt_config = config
         self.backend = backend
+        route_attention(llava)  # the fused backend's prefix K/V go through transformers' attention interface
 
         vision = clip_parts(llava.model.vision_tower)
         text = llava.model.language_model
@@ -237,9 +244,9 @@ class M2PTLlava(PromptTuned, nn.Module):
     @property
     def image_seq_length(self) -> int:
         """How many image tokens one image expands to in input_ids."""
-        vision = self.llava.config.vision_config
-        patches = (vision.image_size // vision.patch_size) ** 2
-        return patches + (1 if self.llava.config.vision_feature_select_strategy == "full" else 0)
+        # the tower's positions: CLS + patches for CLIP, patches alone for SigLIP; "default" drops the first
+        tokens = clip_parts(self.llava.model.vision_tower).embeddings.num_positions
+        return tokens - (1 if self.llava.config.vision_feature_select_strategy == "default" else 0)
 
     @property
     def frozen_model(self) -> nn.Module:
@@ -295,10 +302,12 @@ class M2PTLlava(PromptTuned, nn.Module):
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
-        embeds = self._embed(input_ids, pixel_values)
+        embeds = self.embed_inputs(input_ids, pixel_values)
         return text_forward(self, embeds, attention_mask, labels, position_ids, cache, use_cache, return_logits)
 
-    def _embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+    def embed_inputs(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """input_ids (B, T) -> input embeddings (B, T, d_text), image tokens replaced by the features of
+        pixel_values (computed with the vision prompts, by this model's backend)."""
         embeds = self.language_model.embed_tokens(input_ids)  # (B, T, d)
         is_image = input_ids == self.image_token_id
         num_image_tokens = int(is_image.sum())
@@ -317,7 +326,7 @@ class M2PTLlava(PromptTuned, nn.Module):
 
     # ----------------------------------------------------------------------------------- generation
     def generate(self, input_ids, pixel_values=None, max_new_tokens=32, **kwargs) -> torch.Tensor:
-        """Greedy or sampled decoding with a KV cache; see m2pt_fast.generation.generate."""
+        """transformers' generate, the prompt K/V as the prefix of its cache; see m2pt_fast.generation."""
         return generate(self, input_ids, pixel_values, max_new_tokens, **kwargs)
 
 
@@ -340,7 +349,7 @@ def text_forward(model, embeds, attention_mask, labels, position_ids, cache, use
     if return_logits is None:
         return_logits = labels is None
     loss, logits = fused.text_forward(lm, lm_head, prompts, embeds, attention_mask, labels, position_ids,
-                                      return_logits, model.training)
+                                      return_logits)
     return M2PTOutput(loss=loss, logits=logits)
 
 

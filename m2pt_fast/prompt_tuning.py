@@ -15,6 +15,7 @@ from torch import nn
 from transformers import CLIPVisionModel, LlamaForCausalLM
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from .attention import route_attention
 from .generation import generate
 from .model import (M2PTConfig, M2PTOutput, PromptTuned, clip_parts, text_forward, vision_states,
                     xavier_uniform_per_layer)
@@ -36,6 +37,7 @@ class DeepVisionPrompts(PromptTuned, nn.Module):
             raise TypeError(f"DeepVisionPrompts takes a transformers CLIPVisionModel, got {type(vision_model).__name__}")
         self.vision_model = vision_model.requires_grad_(False)
         self.backend = backend
+        route_attention(vision_model)
         config = vision_model.config
         self.prompts = _prompt_parameter(config.num_hidden_layers, num_prompts, config.hidden_size,
                                          clip_parts(vision_model).embeddings.patch_embedding.weight)
@@ -66,6 +68,7 @@ class DeepTextPrompts(PromptTuned, nn.Module):
             raise TypeError(f"DeepTextPrompts takes a transformers LlamaForCausalLM, got {type(causal_lm).__name__}")
         self.causal_lm = causal_lm.requires_grad_(False)
         self.backend = backend
+        route_attention(causal_lm)
         config = causal_lm.config
         self.text_prompts = _prompt_parameter(config.num_hidden_layers, num_prompts, config.hidden_size,
                                               causal_lm.model.embed_tokens.weight)
@@ -90,6 +93,13 @@ class DeepTextPrompts(PromptTuned, nn.Module):
         embeds = self.language_model.embed_tokens(input_ids)
         return text_forward(self, embeds, attention_mask, labels, position_ids, cache, use_cache, return_logits)
 
+    @property
+    def num_text_prompts(self) -> int:
+        return self.text_prompts.shape[1]
+
+    def embed_inputs(self, input_ids: torch.Tensor, pixel_values=None) -> torch.Tensor:
+        return self.language_model.embed_tokens(input_ids)
+
     def generate(self, input_ids, max_new_tokens=32, **kwargs) -> torch.Tensor:
-        """Greedy or sampled decoding with a KV cache; see m2pt_fast.generation.generate."""
+        """transformers' generate, the prompt K/V as the prefix of its cache; see m2pt_fast.generation."""
         return generate(self, input_ids, None, max_new_tokens, **kwargs)

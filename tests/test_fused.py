@@ -24,7 +24,7 @@ def odd_heads_config():
     )
 
 
-SHAPES = {"tiny": "tiny", "tiny-gqa": "tiny-gqa", "odd-heads": odd_heads_config}
+SHAPES = {"tiny": "tiny", "tiny-gqa": "tiny-gqa", "odd-heads": odd_heads_config, "tiny-siglip-qwen2": "tiny-siglip-qwen2"}
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def rel_err(a, b):
 # Every shape and prompt count through the PyTorch paths; two representative cases through the
 # Triton kernels, which run in the (slow) interpreter on a CPU.
 CASES = [("pytorch", shape, nv, nt) for shape in SHAPES for nv, nt in [(1, 1), (7, 7), (1, 7)]]
-CASES += [("triton", "tiny-gqa", 7, 7), ("triton", "odd-heads", 1, 7)]
+CASES += [("triton", "tiny-gqa", 7, 7), ("triton", "odd-heads", 1, 7), ("triton", "tiny-siglip-qwen2", 7, 7)]
 
 
 @pytest.mark.parametrize("kernels,shape,nv,nt", CASES)
@@ -110,8 +110,9 @@ def test_fused_logits_equal_reference_on_valid_positions(pytorch_kernels):
 
 
 @pytest.mark.parametrize("every", [1, 2])
-def test_fused_gradient_checkpointing(every, pytorch_kernels):
-    model = apply_m2pt(build_llava("tiny-gqa", seed=5), 2, 2).train()
+@pytest.mark.parametrize("shape", ["tiny-gqa", "tiny-siglip-qwen2"])
+def test_fused_gradient_checkpointing(every, shape, pytorch_kernels):
+    model = apply_m2pt(build_llava(shape, seed=5), 2, 2).train()
     ids, pixels, mask, labels = padded_batch(model, seed=3)
     _, plain = run(model, "fused", ids, pixels, mask, labels)
     model.gradient_checkpointing_enable(every_n_layers=every)
@@ -120,8 +121,9 @@ def test_fused_gradient_checkpointing(every, pytorch_kernels):
         assert rel_err(recomputed[name], plain[name]) < 1e-6, name
 
 
-def test_fused_generation_equals_reference(pytorch_kernels):
-    model = apply_m2pt(build_llava("tiny-gqa", seed=6), 3, 5)
+@pytest.mark.parametrize("shape", ["tiny-gqa", "tiny-siglip-qwen2"])
+def test_fused_generation_equals_reference(pytorch_kernels, shape):
+    model = apply_m2pt(build_llava(shape, seed=6), 3, 5)
     ids, pixels, _ = make_batch(model, batch=2, seed=21)
     mask = torch.ones_like(ids)
     mask[1, :2] = 0  # left padding

@@ -1,4 +1,4 @@
-"""Generation with a KV cache against a greedy loop over full forwards."""
+"""Generation (transformers' generate, prompt K/V as the cache prefix) against a greedy loop over full forwards."""
 import pytest
 import torch
 
@@ -7,9 +7,11 @@ from m2pt_fast import apply_m2pt, build_llava
 from model_inputs import make_batch
 
 
-@pytest.fixture(scope="module")
-def model():
-    return apply_m2pt(build_llava("tiny-gqa", seed=3), 4, 5)
+@pytest.fixture(scope="module", params=["tiny-gqa", "tiny-siglip-qwen2"])
+def model(request):
+    llava = build_llava(request.param, seed=3)
+    llava.generation_config.eos_token_id = None  # the oracle loop below never stops early
+    return apply_m2pt(llava, 4, 5)
 
 
 def greedy_loop(model, ids, pixels, steps):
@@ -54,8 +56,10 @@ def test_eos_stops_and_pads(model):
 
 def test_sampling_is_seeded_and_top_k_1_is_greedy(model):
     ids, pixels, _ = make_batch(model, batch=2, seed=15)
-    run = lambda seed, **kw: model.generate(ids, pixels, max_new_tokens=5, do_sample=True,
-                                            generator=torch.Generator().manual_seed(seed), **kw)
+    def run(seed, **kw):
+        torch.manual_seed(seed)
+        return model.generate(ids, pixels, max_new_tokens=5, do_sample=True, **kw)
+
     assert torch.equal(run(0, temperature=1.5), run(0, temperature=1.5))
     assert torch.equal(run(1, top_k=1), model.generate(ids, pixels, max_new_tokens=5))
     # a nucleus this small keeps only the most likely token
@@ -70,3 +74,34 @@ def test_right_padding_is_refused(model):
     mask[1, -2:] = 0
     with pytest.raises(ValueError, match="left-padded"):
         model.generate(ids, pixels, attention_mask=mask)
+
+
+def test_beam_search_runs_on_the_prompt_cache(model):
+    # num_beams=1 with the same budget is greedy; 3 beams keep the sequences' shape and start
+    ids, pixels, _ = make_batch(model, batch=2, seed=17)
+    beams = model.generate(ids, pixels, max_new_tokens=4, num_beams=3)
+    assert beams.shape == (2, ids.shape[1] + 4) and torch.equal(beams[:, : ids.shape[1]], ids)
+    best = greedy_loop(model, ids, pixels, 1)
+    first = model.generate(ids, pixels, max_new_tokens=1, num_beams=3)
+    assert torch.equal(first, best)  # one step: the best beam is the most likely token
+
+
+def test_generation_leaves_the_training_mode_as_it_was(model):
+    ids, pixels, _ = make_batch(model, batch=1, seed=18)
+    model.train()
+    model.gradient_checkpointing_enable()
+    try:
+        assert torch.equal(model.generate(ids, pixels, max_new_tokens=3), greedy_loop(model.eval(), ids, pixels, 3))
+        model.train()
+        model.generate(ids, pixels, max_new_tokens=1)
+        assert model.training
+    finally:
+        model.gradient_checkpointing_disable()
+        model.eval()
+
+
+def test_several_returned_sequences_per_input(model):
+    ids, pixels, _ = make_batch(model, batch=2, seed=19)
+    torch.manual_seed(0)
+    out = model.generate(ids, pixels, max_new_tokens=3, do_sample=True, num_return_sequences=2)
+    assert out.shape == (4, ids.shape[1] + 3) and torch.equal(out[:, : ids.shape[1]], ids.repeat_interleave(2, 0))

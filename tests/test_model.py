@@ -7,7 +7,7 @@ from m2pt_fast import apply_m2pt, build_llava, trainable_report
 from model_inputs import IMAGE_TOKEN, make_batch
 
 
-@pytest.fixture(params=["tiny", "tiny-gqa"])
+@pytest.fixture(params=["tiny", "tiny-gqa", "tiny-siglip-qwen2"])
 def llava(request):
     return build_llava(request.param, seed=1)
 
@@ -15,15 +15,17 @@ def llava(request):
 def hooked_oracle(model, ids, pixels, labels, attention_mask=None):
     """M²PT's reference form built a second way: forward hooks on the unmodified transformers model.
 
-    Vision prompts are prepended by a hook on CLIP's pre-layernorm and overwritten by pre-hooks on
-    the encoder layers; features come from transformers' own hidden_states; the text side runs
+    Vision prompts are prepended by a hook on CLIP's pre-layernorm (SigLIP's embeddings) and
+    overwritten by pre-hooks on the encoder layers; features come from transformers' own
+    hidden_states, without the prompt rows and, for the "default" strategy, CLS; the text side runs
     transformers' LLaVA forward on [prompts; embeddings] with pre-hooks on the decoder layers.
     """
     llava = model.llava
     tower = llava.model.vision_tower
     nv, nt = model.num_vision_prompts, model.num_text_prompts
     vp, tp = model.vision_prompts, model.text_prompts
-    handles = [tower.pre_layrnorm.register_forward_hook(
+    first = tower.pre_layrnorm if hasattr(tower, "pre_layrnorm") else tower.embeddings
+    handles = [first.register_forward_hook(
         lambda mod, args, out: torch.cat([vp[0].expand(out.shape[0], -1, -1), out], 1))]
 
     def overwrite(prompts, layer):
@@ -38,7 +40,8 @@ def hooked_oracle(model, ids, pixels, labels, attention_mask=None):
         handles.append(layer.register_forward_pre_hook(overwrite(tp, j)))
     try:
         states = tower(pixels, output_hidden_states=True).hidden_states
-        features = llava.model.multi_modal_projector(states[llava.config.vision_feature_layer][:, nv + 1:])
+        drop = nv + (1 if llava.config.vision_feature_select_strategy == "default" else 0)
+        features = llava.model.multi_modal_projector(states[llava.config.vision_feature_layer][:, drop:])
         embeds = llava.model.language_model.embed_tokens(ids)
         embeds = embeds.masked_scatter((ids == IMAGE_TOKEN)[..., None], features)
         b = ids.shape[0]
@@ -108,8 +111,10 @@ def test_gradients_reach_prompts_and_projector_only(llava):
 
 def test_vision_prompt_layers_follow_the_feature_layer(llava):
     model = apply_m2pt(llava, 2, 2)
-    # 3-layer tower, feature layer -2: hidden_states[2] depends on layers 0 and 1 only
-    assert model.vision_prompts.shape == (2, 2, llava.config.vision_config.hidden_size)
+    # 3-layer towers; feature layer -2 (CLIP): hidden_states[2] depends on layers 0 and 1 only,
+    # -1 (SigLIP): on all three
+    depth = {-2: 2, -1: 3}[llava.config.vision_feature_layer]
+    assert model.vision_prompts.shape == (depth, 2, llava.config.vision_config.hidden_size)
     assert model.text_prompts.shape == (2, 2, llava.config.text_config.hidden_size)
 
 
