@@ -70,20 +70,36 @@ def save_prompts(model, path: str | os.PathLike,
     return path
 
 
+class PromptFileError(ValueError):
+    """A prompt file that cannot be read, or does not fit the model it is loaded into."""
+
+
+def _read(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != FORMAT:
+                raise PromptFileError(f"{str(path)!r} is not an m2pt prompt file "
+                                      f"(metadata format={metadata.get('format')!r})")
+            return metadata, {k: f.get_tensor(k) for k in f.keys()}
+    except PromptFileError:
+        raise
+    except Exception as exc:  # safetensors raises its own error type (and OSError) for unreadable files
+        raise PromptFileError(f"cannot read prompt file {str(path)!r}: {exc} (a truncated or overwritten file, "
+                              "or not a safetensors file; save_prompts writes them)") from exc
+
+
 def load_prompts(model, path: str | os.PathLike) -> dict[str, str]:
     """Restore tuned tensors saved by `save_prompts` into `model`; returns the file's metadata.
 
-    Raises ValueError naming the mismatch when the file was made for another model shape or prompt
-    count; nothing in the model changes in that case.
+    Raises PromptFileError (a ValueError) naming the problem when the file cannot be read, lacks a
+    tensor its metadata promises, or was made for another model shape or prompt count; nothing in the
+    model changes in that case.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {str(path)!r} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        if metadata.get("format") != FORMAT:
-            raise ValueError(f"{str(path)!r} is not an m2pt prompt file (metadata format={metadata.get('format')!r})")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    metadata, tensors = _read(path)
 
     expected = _settings(model)
     checked = ("num_vision_prompts", "num_text_prompts", "vision_prompt_layers", "text_prompt_layers",
@@ -97,11 +113,17 @@ def load_prompts(model, path: str | os.PathLike) -> dict[str, str]:
             problems.append(f"{name}: in the file but the model has no such tensor")
         elif tuple(tensor.shape) != tuple(targets[name].shape):
             problems.append(f"{name}: file shape {tuple(tensor.shape)}, model shape {tuple(targets[name].shape)}")
-    for name in ("vision_prompts", "text_prompts"):
+    promised = ["vision_prompts", "text_prompts"]
+    for flag, prefix, module in (("tune_projector", "projector.", model.projector),
+                                 ("tune_lm_head", "lm_head.", model.llava.lm_head)):
+        if metadata.get(flag) == "true":
+            promised += [prefix + k for k in module.state_dict()]
+    for name in promised:
         if name not in tensors:
-            problems.append(f"{name}: missing from the file")
+            problems.append(f"{name}: missing from the file" + (
+                "" if name.endswith("_prompts") else " (its metadata says that part was tuned)"))
     if problems:
-        raise ValueError(f"prompt file {str(path)!r} does not fit this model:\n  " + "\n  ".join(problems))
+        raise PromptFileError(f"prompt file {str(path)!r} does not fit this model:\n  " + "\n  ".join(problems))
 
     with torch.no_grad():
         for name, tensor in tensors.items():

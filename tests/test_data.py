@@ -340,3 +340,38 @@ def test_answers_are_tokenized_as_in_running_text():
     encoded = encoder.encode(_turns(("<image>\nIs it red?", "yes")))
     answer = encoded.input_ids[encoded.labels != IGNORE_INDEX].tolist()
     assert answer == [vocab["▁yes"], sp.eos_token_id]
+
+
+def test_sixteen_bit_grey_is_scaled_not_clipped_to_white(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from m2pt_fast.data.image import as_rgb
+
+    levels = np.array([[0, 16384, 32768, 65535]], dtype=np.uint16)  # black, dark, mid grey, white
+    path = tmp_path / "grey16.png"
+    Image.fromarray(levels).save(path)
+    with Image.open(path) as image:
+        assert image.mode in ("I;16", "I")  # what PNG decoders give for 16-bit grey
+        rgb = np.asarray(as_rgb(image))
+    assert rgb.shape == (1, 4, 3)
+    assert rgb[0, :, 0].tolist() == [0, 64, 128, 255] and (rgb[..., 0] == rgb[..., 2]).all()
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from m2pt_fast.data.image import as_rgb
+
+    pixels = np.zeros((2, 4, 3), dtype=np.uint8)
+    pixels[:, :2] = (255, 0, 0)  # left half red, right half blue, as stored
+    pixels[:, 2:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    path = tmp_path / "phone.png"
+    Image.fromarray(pixels).save(path, exif=exif)
+    with Image.open(path) as image:
+        shown = np.asarray(as_rgb(image))
+    assert shown.shape == (4, 2, 3)  # upright: taller than wide
+    assert (shown[:2, :, 0] == 255).all() and (shown[2:, :, 2] == 255).all()  # the stored left is now on top

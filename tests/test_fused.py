@@ -187,3 +187,18 @@ def test_fused_loss_memory_does_not_scale_with_sequence_times_vocabulary(pytorch
     # the fused loss holds logits for the answer tokens only, however many label-free tokens come along
     assert sizes[("fused", 96)] == sizes[("fused", 0)]
     assert sizes[("fused", 96)] < 2 * 8 * vocab + 1
+
+
+@pytest.mark.parametrize("shape", ["tiny-gqa", "tiny-siglip-qwen2"])
+def test_fused_equals_reference_on_an_nf4_backbone(shape, pytorch_kernels):
+    from m2pt_fast import quantize_model
+
+    llava = build_llava(shape, seed=8)
+    quantize_model(llava)
+    model = apply_m2pt(llava, 2, 3)
+    ids, pixels, mask, labels = padded_batch(model, seed=4)
+    ref_loss, ref_grads = run(model, "reference", ids, pixels, mask, labels)
+    loss, grads = run(model, "fused", ids, pixels, mask, labels)
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
+    for name in ("vision_prompts", "text_prompts"):
+        assert rel_err(grads[name], ref_grads[name]) < 1e-5, name

@@ -87,3 +87,43 @@ def test_file_is_fp32_and_takes_the_values_given_for_parameters(tmp_path):
     assert saved["vision_prompts"].equal(model.vision_prompts.detach().float())  # bf16 widens exactly
     weight = model.projector.linear_1.weight
     assert saved["projector.linear_1.weight"].equal(weight.detach().float())
+
+
+def _state(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if "prompts" in k or "projector" in k}
+
+
+def test_a_file_missing_what_its_metadata_promises_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    model = apply_m2pt(build_llava("tiny", seed=1), 2, 3)  # tune_projector=True
+    path = save_prompts(model, tmp_path / "p.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys() if not k.startswith("projector.")}
+    save_file(tensors, str(path), metadata=metadata)
+    fresh = apply_m2pt(build_llava("tiny", seed=1), 2, 3)
+    before = _state(fresh)
+    with pytest.raises(ValueError, match=r"projector\.linear_1\.weight: missing from the file \(its metadata says"):
+        load_prompts(fresh, path)
+    assert all(torch.equal(v, before[k]) for k, v in _state(fresh).items())  # nothing changed
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "torch_pickle", "text"])
+def test_an_unreadable_file_gets_our_error_with_its_path(tmp_path, damage):
+    from m2pt_fast.prompt_io import PromptFileError
+
+    model = apply_m2pt(build_llava("tiny", seed=2), 2, 3)
+    path = save_prompts(model, tmp_path / "p.safetensors")
+    data = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "torch_pickle":
+        torch.save({"vision_prompts": model.vision_prompts.detach()}, path)
+    else:
+        path.write_text("not a prompt file\n")
+    before = _state(model)
+    with pytest.raises(PromptFileError, match=str(path)):
+        load_prompts(model, path)
+    assert all(torch.equal(v, before[k]) for k, v in _state(model).items())

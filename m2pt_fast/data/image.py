@@ -3,12 +3,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 # CLIP's normalisation (openai/clip-vit-*): what LLaVA's vision tower was trained with.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def as_rgb(image: Image.Image) -> Image.Image:
+    """The image as a photo viewer shows it, in 8-bit RGB: turned upright by its EXIF orientation,
+    and 16-bit (or 32-bit integer) grey levels scaled down rather than clipped to white."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16") or image.mode == "I":
+        levels = np.asarray(image, dtype=np.float64)
+        # "I;16*" holds 0..65535; a 16-bit PNG may also open as "I" (32-bit ints, the same range)
+        scale = 65535.0 if image.mode.startswith("I;16") or levels.max(initial=0) > 255 else 255.0
+        image = Image.fromarray(np.clip(np.rint(levels * (255.0 / scale)), 0, 255).astype(np.uint8))  # (H, W) uint8: mode "L"
+    return image.convert("RGB")
 
 
 class ImagePreprocessor:
@@ -47,7 +60,7 @@ class ImagePreprocessor:
         return cls(load_image_processor(str(model_dir)), image_size)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        pixels = self.processor(images=image.convert("RGB"), return_tensors="pt").pixel_values[0]
+        pixels = self.processor(images=as_rgb(image), return_tensors="pt").pixel_values[0]
         if pixels.shape != (3, self.image_size, self.image_size):
             raise ValueError(
                 f"the image processor gives {tuple(pixels.shape)} but the vision tower expects "
