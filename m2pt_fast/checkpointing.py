@@ -75,8 +75,9 @@ def rng_state() -> dict:
             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
-def save_rng(directory: Path, rank: int) -> None:
-    torch.save(rng_state(), directory / f"rng-rank{rank}.pt")
+def save_rng(directory: Path, rank: int, state: dict | None = None) -> None:
+    """Write `state` (default: the RNG state now, rng_state()) for this rank."""
+    torch.save(rng_state() if state is None else state, directory / f"rng-rank{rank}.pt")
 
 
 def load_rng(directory: Path, rank: int, world_size: int) -> None:

@@ -60,6 +60,7 @@ from m2pt_fast.checkpointing import (
     newest_checkpoint,
     publish,
     remove_partial_checkpoints,
+    rng_state,
     save_rng,
     temporary_dir,
     truncate_metrics,
@@ -410,6 +411,10 @@ class M2PTRecipe:
             # peak_mem_mb is training memory: not the float model that quantize_model already freed
             torch.cuda.reset_peak_memory_stats(self.device)
         started = time.perf_counter()
+        # A checkpoint due after step k is written only once step k+1's first loss is finite: an update
+        # that blew the prompts up (finite, but ~1e30) shows only in the next loss, and a checkpoint of
+        # it would be a dead end to resume from. The RNG state is taken at the step boundary.
+        pending_rng = None
         try:
             while self.global_step < self.total_steps:
                 self.sampler.set_position(epoch, step_in_epoch * accumulation)
@@ -417,6 +422,9 @@ class M2PTRecipe:
                     loss = self._loss_step(batch)
                     if not self._all_finite(loss):
                         raise NonFiniteLoss(f"non-finite loss at step {self.global_step + 1}")
+                    if pending_rng is not None:  # the state of the step boundary, unchanged so far
+                        self._save_checkpoint(pending_rng)
+                        pending_rng = None
                     engine.backward(loss)
                     lr = self.optimizer.param_groups[0]["lr"]
                     boundary_norm = self._local_grad_norm() if (micro + 1) % accumulation == 0 else None
@@ -432,15 +440,19 @@ class M2PTRecipe:
                     totals.zero_()
                     last = self.global_step >= self.total_steps  # the final step writes the prompt file instead
                     if cfg.save_steps and self.global_step % cfg.save_steps == 0 and not last:
-                        self._save_checkpoint()
+                        pending_rng = rng_state()
                     if self.global_step >= self.total_steps:
                         break
                 epoch, step_in_epoch = epoch + 1, 0
         except NonFiniteLoss as e:
             found = newest_checkpoint(self.output_dir)
-            kept = f"the last good checkpoint is {found[1]}" if found else "no checkpoint was written yet"
             if self.rank == 0:
-                log.error("%s: stopping; %s. Lower --learning_rate or check the data, then --resume.", e, kept)
+                if found:
+                    log.error("%s: stopping; the last good checkpoint is %s (the loss after it was finite). "
+                              "Lower --learning_rate or check the data, then --resume.", e, found[1])
+                else:
+                    log.error("%s: stopping; no checkpoint was written (none was followed by a finite loss). "
+                              "Lower --learning_rate or check the data, then start again.", e)
             progress.close()
             return 1
         progress.close()
@@ -507,7 +519,8 @@ class M2PTRecipe:
                 save_prompts(self.model, tmp, values)
                 os.replace(tmp, path)
 
-    def _save_checkpoint(self) -> None:
+    def _save_checkpoint(self, rng: dict) -> None:
+        """Write checkpoint step-<global_step>; rng: the RNG state to restore on resume (rng_state())."""
         step = self.global_step
         tmp = temporary_dir(self.output_dir, step)
         if self.rank == 0:
@@ -522,7 +535,7 @@ class M2PTRecipe:
                   "epoch": epoch, "micro_batch_in_epoch": step_in_epoch * self.cfg.gradient_accumulation_steps}
         self.engine.save_checkpoint(str(tmp), tag=STATE_TAG, client_state=client, save_latest=False,
                                     exclude_frozen_parameters=True)
-        save_rng(tmp, self.rank)
+        save_rng(tmp, self.rank, rng)
         self._write_prompts(tmp / "prompts.safetensors")
         dist.barrier()
         if self.rank == 0:

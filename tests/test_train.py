@@ -191,14 +191,22 @@ def test_local_model_directory_quantized_to_nf4_with_zero2(tmp_path):
     assert len(metrics(out)) == 2 and (out / "prompts.safetensors").is_file()
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
-    # An absurd learning rate blows the prompts up after the first step; the second loss is NaN.
+def test_non_finite_loss_never_reaches_a_checkpoint(tmp_path):
+    # An absurd learning rate blows the prompts up in the first step (finite, ~1e30); the second loss is
+    # NaN. Step 1's state is that blown-up one: it must not be offered as a checkpoint to resume from.
     result = python_run(tmp_path, "--max_steps", "4", "--save_steps", "1", "--warmup_ratio", "0",
                         "--learning_rate", "1e30", "--dataloader_num_workers", "0", expect=1)
-    assert "non-finite loss" in result.stderr and "checkpoints/step-1" in result.stderr
-    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-1"]
+    assert "non-finite loss at step 2" in result.stderr and "no checkpoint was written" in result.stderr
+    assert not list((tmp_path / "checkpoints").glob("step-*"))
     assert not (tmp_path / "prompts.safetensors").exists()
-    assert len(metrics(tmp_path)) == 1
+    assert len(metrics(tmp_path)) == 1  # step 1 ran and was logged
+
+
+def test_a_checkpoint_is_written_once_the_next_loss_is_finite(tmp_path):
+    python_run(tmp_path, "--max_steps", "3", "--save_steps", "1", "--save_total_limit", "5",
+               "--dataloader_num_workers", "0")
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-1", "step-2"]
+    assert (tmp_path / "prompts.safetensors").is_file()  # the last step writes the prompt file instead
 
 
 def test_bad_options_stop_before_training_with_the_fix(tmp_path):
