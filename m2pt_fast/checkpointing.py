@@ -50,6 +50,60 @@ def newest_checkpoint(output_dir: str | Path) -> tuple[int, Path] | None:
     return found[-1] if found else None
 
 
+class CheckpointMismatch(ValueError):
+    """A sound checkpoint written by another number of processes: no older one would fit either."""
+
+
+def _load(path: Path):
+    """(object, None) when `path` reads back in full, else (None, what is wrong with it)."""
+    if path.stat().st_size == 0:
+        return None, f"{path.name} is empty"
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                return {key: f.get_tensor(key) for key in f.keys()}, None
+        return torch.load(path, map_location="cpu", weights_only=False), None
+    except Exception as exc:  # truncation shows as EOFError, RuntimeError, OSError, SafetensorError...
+        return None, f"{path.name} cannot be read ({type(exc).__name__}: {str(exc)[:120]})"
+
+
+def checkpoint_problems(path: Path, world_size: int) -> list[str]:
+    """What keeps checkpoint directory `path` from being resumed ([] if nothing): every file is read
+    back in full (a checkpoint holds the tuned tensors and their optimizer state only, so this costs
+    little next to loading the model). Raises CheckpointMismatch for one written by another number
+    of processes."""
+    problems = []
+    state = path / STATE_TAG
+    files = sorted(state.glob("*.pt")) if state.is_dir() else []
+    if not state.is_dir():
+        problems.append(f"{STATE_TAG}/ (DeepSpeed's files) is missing")
+    elif not any(f.name.startswith("mp_rank_") for f in files):
+        problems.append(f"{STATE_TAG}/ holds no model states (mp_rank_*_model_states.pt)")
+    for f in files:
+        loaded, problem = _load(f)
+        if problem:
+            problems.append(f"{STATE_TAG}/{problem}")
+        elif f.name.startswith("mp_rank_00_"):
+            saved = (loaded.get("signature") or {}).get("world_size") if isinstance(loaded, dict) else None
+            if saved is not None and saved != world_size:
+                raise CheckpointMismatch(f"{path} was written by {saved} process(es) but this run has {world_size}: "
+                                         "resume with the same number of processes")
+    for rank in range(world_size):
+        rng = path / f"rng-rank{rank}.pt"
+        if not rng.is_file():
+            problems.append(f"{rng.name} (rank {rank}'s RNG state) is missing")
+        elif problem := _load(rng)[1]:
+            problems.append(problem)
+    prompts = path / "prompts.safetensors"
+    if not prompts.is_file():
+        problems.append("prompts.safetensors is missing")
+    elif problem := _load(prompts)[1]:
+        problems.append(problem)
+    return problems
+
+
 def publish(output_dir: str | Path, step: int, keep: int) -> Path:
     """Rename the finished temporary directory into place, then drop all but the newest `keep`. Rank 0 only."""
     tmp, final = temporary_dir(output_dir, step), final_dir(output_dir, step)

@@ -56,6 +56,8 @@ from m2pt_fast import (
 from m2pt_fast import model as m2pt_model
 from m2pt_fast.checkpointing import (
     STATE_TAG,
+    checkpoint_problems,
+    complete_checkpoints,
     load_rng,
     newest_checkpoint,
     publish,
@@ -333,7 +335,7 @@ class M2PTRecipe:
             if found is None:
                 raise ValueError(f"--resume: no complete checkpoint under {self.output_dir}/checkpoints; "
                                  "leave out --resume to start a new run")
-            self._resume(*found)
+            self._resume(*self._intact_checkpoint())
         elif found is not None:
             raise ValueError(f"{self.output_dir} already holds checkpoints of a run: pass --resume to continue it, "
                              "or give another --output_dir")
@@ -348,6 +350,21 @@ class M2PTRecipe:
             if cfg.embedded_model:
                 self.tokenizer.save_pretrained(self.output_dir / "tokenizer")
         dist.barrier()
+
+    def _intact_checkpoint(self) -> tuple[int, Path]:
+        """The newest checkpoint that reads back in full; damaged newer ones are named and passed over."""
+        damaged = []
+        for step, path in reversed(complete_checkpoints(self.output_dir)):
+            problems = checkpoint_problems(path, self.world_size)
+            if not problems:
+                if damaged and self.rank == 0:
+                    log.warning("resuming from %s, the newest intact checkpoint", path)
+                return step, path
+            damaged.append(f"{path}: " + "; ".join(problems))
+            if self.rank == 0:
+                log.warning("checkpoint %s is damaged (%s): trying the one before it", path, "; ".join(problems))
+        raise ValueError("--resume: every checkpoint is damaged:\n  " + "\n  ".join(damaged)
+                         + "\nleave out --resume (and move the checkpoints away) to start a new run")
 
     def _run_signature(self) -> dict:
         """What must match for a checkpoint to continue this run bit for bit."""

@@ -321,3 +321,70 @@ def test_bf16_resume_ends_bit_for_bit_like_an_uninterrupted_run(bf16_run, tmp_pa
     for name in theirs:
         assert ours[name].equal(theirs[name]), name
     assert [r["loss"] for r in metrics(resumed)] == [r["loss"] for r in metrics(uninterrupted)]
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    """A 3-step run with checkpoints step-1 and step-2 (one process), to damage copies of."""
+    out = tmp_path_factory.mktemp("two-checkpoints")
+    python_run(out, *RESUMABLE)
+    return out
+
+
+RESUMABLE = ("--max_steps", "3", "--save_steps", "1", "--save_total_limit", "5", "--dataloader_num_workers", "0")
+
+
+def _damage(checkpoint: Path, how: str) -> None:
+    states = checkpoint / "state" / "mp_rank_00_model_states.pt"
+    if how == "truncated":
+        states.write_bytes(states.read_bytes()[: states.stat().st_size // 2])
+    elif how == "empty_file":
+        states.write_bytes(b"")
+    elif how == "empty_dir":
+        shutil.rmtree(checkpoint)
+        checkpoint.mkdir()
+    elif how == "no_state":
+        shutil.rmtree(checkpoint / "state")
+    elif how == "no_rng":
+        (checkpoint / "rng-rank0.pt").unlink()
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty_file", "empty_dir", "no_state", "no_rng"])
+def test_damage_is_found_by_the_checkpoint_check(two_checkpoints, tmp_path, how):
+    from m2pt_fast.checkpointing import checkpoint_problems
+
+    out = tmp_path / "run"
+    shutil.copytree(two_checkpoints, out)
+    step2 = out / "checkpoints" / "step-2"
+    assert checkpoint_problems(step2, world_size=1) == []
+    _damage(step2, how)
+    problems = checkpoint_problems(step2, world_size=1)
+    assert problems, how
+    expected = {"truncated": "mp_rank_00_model_states.pt cannot be read", "empty_file": "is empty",
+                "empty_dir": "state/ (DeepSpeed's files) is missing", "no_state": "state/ (DeepSpeed's files) is missing",
+                "no_rng": "rng-rank0.pt (rank 0's RNG state) is missing"}[how]
+    assert any(expected in p for p in problems), problems
+
+
+@pytest.mark.parametrize("how", ["truncated", "no_rng"])
+def test_resume_passes_over_a_damaged_newest_checkpoint(two_checkpoints, tmp_path, how):
+    out = tmp_path / "run"
+    shutil.copytree(two_checkpoints, out)
+    (out / "prompts.safetensors").unlink()
+    _damage(out / "checkpoints" / "step-2", how)
+    result = python_run(out, *RESUMABLE, "--resume")
+    assert "checkpoints/step-2 is damaged" in result.stderr and "checkpoints/step-1" in result.stderr
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3] and (out / "prompts.safetensors").is_file()
+    # steps 2 and 3 ran again from step 1's state: bit for bit the losses of the uninterrupted run
+    assert [m["loss"] for m in metrics(out)] == [m["loss"] for m in metrics(two_checkpoints)]
+
+
+def test_resume_with_every_checkpoint_damaged_names_each(two_checkpoints, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(two_checkpoints, out)
+    _damage(out / "checkpoints" / "step-2", "truncated")
+    _damage(out / "checkpoints" / "step-1", "no_state")
+    result = python_run(out, *RESUMABLE, "--resume", expect=2)
+    assert "every checkpoint is damaged" in result.stderr
+    assert "step-2: state/mp_rank_00_model_states.pt cannot be read" in result.stderr
+    assert "step-1: state/ (DeepSpeed's files) is missing" in result.stderr
