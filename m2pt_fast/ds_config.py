@@ -22,12 +22,23 @@ DEFAULT_DS_CONFIG: dict[str, Any] = {
 
 
 def load_ds_config(path: str | None) -> dict[str, Any]:
+    """The DeepSpeed config at `path` (None: DEFAULT_DS_CONFIG), checked for what the trainer reads."""
     if path is None:
         return copy.deepcopy(DEFAULT_DS_CONFIG)
     try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
+        ds = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"--ds_config {path} is not valid JSON: {e}") from e
+    if not isinstance(ds, dict):
+        raise ValueError(f"--ds_config {path} holds a JSON {type(ds).__name__}; a DeepSpeed config is an object "
+                         "({\"zero_optimization\": {\"stage\": 2}, ...}, as in configs/)")
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ValueError(f"--ds_config {path}: zero_optimization must be an object, got {zero!r}")
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or not isinstance(stage, int) or stage not in (0, 1, 2, 3):
+        raise ValueError(f"--ds_config {path}: zero_optimization.stage must be the number 0, 1, 2 or 3, got {stage!r}")
+    return ds
 
 
 def zero_stage(ds: dict[str, Any]) -> int:

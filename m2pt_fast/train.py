@@ -125,7 +125,7 @@ def _texts_of_llava_json(path: str) -> list[str]:
     """Every conversation string of a LLaVA JSON file (malformed entries are left to the data loader)."""
     try:
         entries = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):  # load_llava_records says what is wrong
         return []
     texts = []
     for entry in entries if isinstance(entries, list) else []:
@@ -575,9 +575,26 @@ class M2PTRecipe:
             dist.destroy_process_group()
 
 
+def _check_writable(output_dir: Path) -> None:
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"--output_dir {output_dir} cannot be written ({e.strerror or e}): "
+                         "give a directory this user can write to") from e
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         config = parse_args(argv)
+    except ValueError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    try:  # refused before any weights are read
+        load_ds_config(config.ds_config)
+        _check_writable(Path(config.output_dir))
     except ValueError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,9 @@ class TrainConfig:
             raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"--warmup_ratio is a fraction of the run in [0, 1), got {self.warmup_ratio}")
+        for name in ("learning_rate", "warmup_ratio", "weight_decay", "max_grad_norm", "num_train_epochs"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"--{name} must be a finite number, got {getattr(self, name)}")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ValueError("--weight_decay and --max_grad_norm must be >= 0 (--max_grad_norm 0 turns clipping off)")
         if self.lr_scheduler_type not in SCHEDULERS:
@@ -103,6 +107,14 @@ class TrainConfig:
                 "save the model and its tokenizer and image processor there first, or leave it out for the "
                 "embedded tiny LLaVA"
             )
+        if self.model_name_or_path:
+            for needed, why in (("config.json", "the model's config"),
+                                ("preprocessor_config.json", "the image processor the vision tower was trained with")):
+                if not (Path(self.model_name_or_path) / needed).is_file():
+                    raise ValueError(f"--model_name_or_path {self.model_name_or_path} has no {needed} ({why}): "
+                                     "save the model, tokenizer and processor there with save_pretrained")
+        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            raise ValueError(f"--output_dir {self.output_dir} is a file, not a directory: give a directory")
         if self.quant == "nf4" and self.tune_lm_head:
             raise ValueError("--tune_lm_head with --quant nf4: a 4-bit lm_head cannot be trained; use --quant bf16")
         if self.ds_config and not Path(self.ds_config).is_file():

@@ -251,6 +251,8 @@ def test_options_come_from_defaults_then_yaml_then_command_line(tmp_path):
     got = (config.learning_rate, config.max_steps, config.tune_projector, config.gradient_checkpointing)
     assert got == (1e-3, 9, False, True)
     assert parse_args([]).learning_rate == 5e-3, "the embedded tiny model's own default"
+    for name in ("config.json", "preprocessor_config.json"):  # what a model directory must hold
+        (tmp_path / name).write_text("{}")
     assert parse_args(["--model_name_or_path", str(tmp_path)]).learning_rate == 7e-4, "the paper's"
     recipe.write_text("learning_rat: 0.001\n")
     with pytest.raises(ValueError, match="unknown option.*learning_rat"):
@@ -375,3 +377,18 @@ def test_exif_orientation_is_applied(tmp_path):
         shown = np.asarray(as_rgb(image))
     assert shown.shape == (4, 2, 3)  # upright: taller than wide
     assert (shown[:2, :, 0] == 255).all() and (shown[2:, :, 2] == 255).all()  # the stored left is now on top
+
+
+def test_a_data_file_that_is_not_utf8_is_named(tokenizer, tmp_path):
+    (tmp_path / "latin1.json").write_bytes('[{"id": "caf\u00e9"}]'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.json is not UTF-8 text"):
+        load_llava_records(tmp_path / "latin1.json", tmp_path, _encoder(tokenizer))
+
+
+def test_a_decompression_bomb_is_called_too_large_not_corrupt(tokenizer, tmp_path, monkeypatch):
+    from PIL import Image
+
+    data_path, images = write_llava_json(tmp_path, 2, seed=3)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # the synthetic images are larger than 2 x 100 pixels
+    with pytest.raises(ValueError, match=r"\{'image too large': 2\}"):
+        load_llava_records(data_path, images, _encoder(tokenizer, max_length=400))

@@ -388,3 +388,44 @@ def test_resume_with_every_checkpoint_damaged_names_each(two_checkpoints, tmp_pa
     assert "every checkpoint is damaged" in result.stderr
     assert "step-2: state/mp_rank_00_model_states.pt cannot be read" in result.stderr
     assert "step-1: state/ (DeepSpeed's files) is missing" in result.stderr
+
+
+@pytest.mark.parametrize("case", ["output_is_a_file", "read_only_output", "no_config_json", "no_preprocessor",
+                                  "ds_config_list", "stage_two", "grad_norm_nan"])
+def test_bad_paths_and_options_are_refused_before_any_weights_are_read(tmp_path, case, capsys, monkeypatch):
+    from m2pt_fast import train
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was being built")
+
+    monkeypatch.setattr(train.M2PTRecipe, "setup", never)
+    args = ["--output_dir", str(tmp_path / "out")]
+    if case == "output_is_a_file":
+        (tmp_path / "out").write_text("")
+        expected = "is a file, not a directory"
+    elif case == "read_only_output":
+        if os.geteuid() == 0:
+            # root writes through permission bits: a file where a parent directory should be is the
+            # read-only location every user gets
+            (tmp_path / "ro").write_text("")
+            args = ["--output_dir", str(tmp_path / "ro" / "out")]
+        else:
+            (tmp_path / "ro").mkdir(mode=0o500)
+            args = ["--output_dir", str(tmp_path / "ro" / "out")]
+        expected = "cannot be written"
+    elif case in ("no_config_json", "no_preprocessor"):
+        model = tmp_path / "model"
+        model.mkdir()
+        (model / ("preprocessor_config.json" if case == "no_config_json" else "config.json")).write_text("{}")
+        args += ["--model_name_or_path", str(model)]
+        expected = "has no config.json" if case == "no_config_json" else "has no preprocessor_config.json"
+    elif case in ("ds_config_list", "stage_two"):
+        ds = tmp_path / "ds.json"
+        ds.write_text("[]" if case == "ds_config_list" else '{"zero_optimization": {"stage": "two"}}')
+        args += ["--ds_config", str(ds)]
+        expected = "holds a JSON list" if case == "ds_config_list" else "stage must be the number 0, 1, 2 or 3, got 'two'"
+    else:
+        args += ["--max_grad_norm", "nan"]
+        expected = "--max_grad_norm must be a finite number"
+    assert train.main(args) == 2
+    assert expected in capsys.readouterr().err

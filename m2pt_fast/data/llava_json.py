@@ -77,6 +77,9 @@ def load_llava_records(
         raise FileNotFoundError(f"--data_path {data_path} does not exist")
     try:
         entries = json.loads(data_path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--data_path {data_path} is not UTF-8 text (byte {e.start}: {e.reason}): JSON files are "
+                         "UTF-8; convert it, e.g. iconv -f latin1 -t utf-8") from e
     except json.JSONDecodeError as e:
         raise ValueError(f"--data_path {data_path} is not valid JSON ({e}); expected a list of LLaVA records") from e
     if not isinstance(entries, list):
@@ -118,6 +121,9 @@ def _check_image_header(path: Path) -> None:
     try:
         with Image.open(path) as image:
             image.size  # noqa: B018 -- reading the header is the check
+    except Image.DecompressionBombError as e:
+        raise BadRecord(f"image too large: {path} ({e}); PIL refuses it as a possible decompression bomb: "
+                        "resize the image, or raise PIL.Image.MAX_IMAGE_PIXELS if it is genuine") from None
     except Exception as e:  # PIL raises several types for unreadable files
         raise BadRecord(f"corrupt image: {path} cannot be opened ({type(e).__name__})") from None
 
