@@ -158,3 +158,70 @@ def truncate_metrics(path: Path, last_step: int) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
+
+
+LOCK_NAME = ".m2pt-run.lock"
+
+
+class OutputDirLock:
+    """`<output_dir>/.m2pt-run.lock`: one live run per output directory.
+
+    The file holds the holder's PID and host. A lock whose process is gone (a run that was killed) is
+    taken over; one held by a live process on this host is refused with its PID. Taken by one process
+    of a run (rank 0), released when the run ends.
+    """
+
+    def __init__(self, output_dir: str | Path):
+        self.path = Path(output_dir) / LOCK_NAME
+        self.held = False
+
+    def acquire(self) -> str | None:
+        """Take the lock; returns a note when a dead run's lock was taken over. Raises ValueError when a
+        live run holds it."""
+        import socket
+
+        note = None
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder and holder.get("host") == me["host"] and _alive(holder.get("pid")):
+                    raise ValueError(f"{self.path.parent} is in use by a live run (PID {holder['pid']}); "
+                                     "wait for it to end or stop it, or give another --output_dir") from None
+                if holder and holder.get("host") != me["host"]:
+                    raise ValueError(f"{self.path.parent} is locked by a run on host {holder.get('host')} "
+                                     f"(PID {holder.get('pid')}); if that run is gone, delete {self.path}") from None
+                note = f"took over the lock of a run that is gone ({holder or 'unreadable lock file'})"
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return note
+        raise ValueError(f"could not take the lock {self.path}: another run is starting in the same directory")
+
+    def _holder(self) -> dict | None:
+        try:
+            holder = json.loads(self.path.read_text())
+            return holder if isinstance(holder, dict) else None
+        except (OSError, ValueError):
+            return None
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True

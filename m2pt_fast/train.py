@@ -56,6 +56,7 @@ from m2pt_fast import (
 from m2pt_fast import model as m2pt_model
 from m2pt_fast.checkpointing import (
     STATE_TAG,
+    OutputDirLock,
     checkpoint_problems,
     complete_checkpoints,
     load_rng,
@@ -592,9 +593,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
+    lock = OutputDirLock(config.output_dir)
     try:  # refused before any weights are read
         load_ds_config(config.ds_config)
         _check_writable(Path(config.output_dir))
+        if int(os.environ.get("RANK", "0")) == 0:  # one lock per run, taken by its first process
+            note = lock.acquire()
+            if note:
+                print(f"train.py: {config.output_dir}: {note}", file=sys.stderr)
     except ValueError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
@@ -607,6 +613,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         recipe.cleanup()
+        lock.release()
 
 
 if __name__ == "__main__":

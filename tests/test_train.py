@@ -429,3 +429,28 @@ def test_bad_paths_and_options_are_refused_before_any_weights_are_read(tmp_path,
         expected = "--max_grad_norm must be a finite number"
     assert train.main(args) == 2
     assert expected in capsys.readouterr().err
+
+
+def test_an_output_directory_held_by_a_live_run_is_refused_with_its_pid(tmp_path, capsys, monkeypatch):
+    import socket
+
+    from m2pt_fast import train
+    from m2pt_fast.checkpointing import LOCK_NAME
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(train.M2PTRecipe, "setup", lambda self: None)
+    monkeypatch.setattr(train.M2PTRecipe, "train", lambda self: 0)
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / LOCK_NAME).write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
+        assert train.main(["--output_dir", str(out)]) == 2
+        assert f"in use by a live run (PID {holder.pid})" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is gone (killed, as after a crash): its lock is taken over, and released at the end
+    assert train.main(["--output_dir", str(out)]) == 0
+    assert "took over the lock of a run that is gone" in capsys.readouterr().err
+    assert not (out / LOCK_NAME).exists()
