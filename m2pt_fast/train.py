@@ -77,6 +77,7 @@ from m2pt_fast.data import (
     SampleBuilder,
     SyntheticInstructDataset,
     build_word_tokenizer,
+    check_images_decode,
     load_llava_records,
     make_collate,
     synthetic_texts,
@@ -264,6 +265,10 @@ class M2PTRecipe:
         if cfg.data_path:
             records, report = load_llava_records(cfg.data_path, cfg.image_folder, encoder, progress=self.rank == 0)
             self.skipped_at_start = report.total
+            failed = check_images_decode(records, build)
+            if failed and self.rank == 0:
+                log.warning("%d of the images checked before training do not decode: their records will be "
+                            "skipped as training meets them", failed)
             dataset = LlavaJsonDataset(records, build)
         else:
             dataset = SyntheticInstructDataset(cfg.num_synthetic_samples, cfg.seed, build)

@@ -392,3 +392,36 @@ def test_a_decompression_bomb_is_called_too_large_not_corrupt(tokenizer, tmp_pat
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # the synthetic images are larger than 2 x 100 pixels
     with pytest.raises(ValueError, match=r"\{'image too large': 2\}"):
         load_llava_records(data_path, images, _encoder(tokenizer, max_length=400))
+
+
+def _truncate_images(records, positions):
+    for i in positions:
+        path = Path(records[i]["image"])
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # the header still reads
+
+
+def test_a_long_block_of_undecodable_images_costs_only_its_records(tokenizer, tmp_path):
+    from m2pt_fast.data import LlavaJsonDataset, check_images_decode
+
+    data_path, images = write_llava_json(tmp_path, 120, seed=4)
+    records, _ = load_llava_records(data_path, images, _encoder(tokenizer, max_length=400))
+    assert len(records) == 120
+    _truncate_images(records, range(40, 80))  # 40 bad in a row
+    builder = _builder(tokenizer, 400)
+    assert 0 < check_images_decode(records, builder) < 16  # some sampled images fail, not all
+    dataset = LlavaJsonDataset(records, builder)
+    for index in (39, 40, 60, 79, 80):
+        sample = dataset[index]
+        expected_skips = 0 if index in (39, 80) else 80 - index
+        assert len(sample["skipped"]) <= expected_skips  # records found bad before are not retried
+        assert torch.equal(sample["input_ids"], dataset[80 if 40 <= index < 80 else index]["input_ids"])
+
+
+def test_a_data_set_whose_images_never_decode_stops_before_training(tokenizer, tmp_path):
+    from m2pt_fast.data import check_images_decode
+
+    data_path, images = write_llava_json(tmp_path, 20, seed=5)
+    records, _ = load_llava_records(data_path, images, _encoder(tokenizer, max_length=400))
+    _truncate_images(records, range(20))
+    with pytest.raises(ValueError, match="none of the 16 images checked before training decodes"):
+        check_images_decode(records, _builder(tokenizer, 400))

@@ -9,6 +9,7 @@ from .llava_json import (
     SampleBuilder,
     SkipReport,
     SyntheticInstructDataset,
+    check_images_decode,
     load_llava_records,
     make_collate,
 )
@@ -18,6 +19,7 @@ from .tokenizer import IMAGE, build_word_tokenizer, words_of
 
 __all__ = [
     "IGNORE_INDEX", "IMAGE", "BadRecord", "ConversationEncoder", "EpochShardSampler", "ImagePreprocessor", "LlavaJsonDataset",
-    "SampleBuilder", "SkipReport", "SyntheticInstructDataset", "build_word_tokenizer", "load_llava_records",
+    "SampleBuilder", "SkipReport", "SyntheticInstructDataset", "build_word_tokenizer", "check_images_decode",
+    "load_llava_records",
     "make_collate", "synthetic_record", "synthetic_texts", "words_of", "write_llava_json",
 ]

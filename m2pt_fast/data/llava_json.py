@@ -27,9 +27,9 @@ from .synthetic import synthetic_record
 
 log = logging.getLogger(__name__)
 
-# A training-time decode failure moves on to the next record; this many failures in a row means the
-# images are broken wholesale and the run should stop with the reason rather than spin.
-MAX_CONSECUTIVE_BAD_IMAGES = 32
+# Images fully decoded before training (spread over the set): if none decodes, the data is broken
+# wholesale and the run stops before its first step.
+DECODE_CHECK_SAMPLES = 16
 
 
 @dataclass
@@ -128,33 +128,61 @@ def _check_image_header(path: Path) -> None:
         raise BadRecord(f"corrupt image: {path} cannot be opened ({type(e).__name__})") from None
 
 
+def _decode(record: dict[str, Any], build: SampleBuilder) -> dict[str, Any]:
+    with Image.open(record["image"]) as image:
+        image.load()
+        return build(image, record["conversations"])
+
+
+def check_images_decode(records: list[dict[str, Any]], build: SampleBuilder,
+                        samples: int = DECODE_CHECK_SAMPLES) -> int:
+    """Decode up to `samples` records' images, spread over the set; returns how many failed. Raises
+    ValueError when none decodes: the data is broken wholesale, and training would only skip."""
+    picks = sorted({round(i * (len(records) - 1) / max(samples - 1, 1)) for i in range(min(samples, len(records)))})
+    failures = []
+    for i in picks:
+        try:
+            _decode(records[i], build)
+        except Exception as e:  # PIL raises many types for undecodable data
+            failures.append(f"{records[i]['image']}: {type(e).__name__}: {e}")
+    if picks and len(failures) == len(picks):
+        raise ValueError(f"none of the {len(picks)} images checked before training decodes (e.g. {failures[0]}): "
+                         "the image files are broken or not images; check --image_folder")
+    return len(failures)
+
+
 class LlavaJsonDataset(Dataset):
-    """Records from `load_llava_records`; images are opened lazily, in the loader's workers."""
+    """Records from `load_llava_records`; images are opened lazily, in the loader's workers.
+
+    An image that fails to decode costs its record only: the next records are tried in turn, however
+    many fail in a row, and a record found bad is not decoded again by this worker.
+    """
 
     def __init__(self, records: list[dict[str, Any]], build: SampleBuilder):
         self.records = records
         self.build = build
+        self.bad: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         skipped = []
-        for attempt in range(MAX_CONSECUTIVE_BAD_IMAGES):
-            record = self.records[(index + attempt) % len(self.records)]
+        for attempt in range(len(self.records)):
+            position = (index + attempt) % len(self.records)
+            if position in self.bad:
+                continue
+            record = self.records[position]
             try:
-                with Image.open(record["image"]) as image:
-                    image.load()
-                    sample = self.build(image, record["conversations"])
+                sample = _decode(record, self.build)
             except Exception as e:  # a decode failure of any kind: skip the record, keep the step
+                self.bad.add(position)
                 skipped.append(f"corrupt image: record {record['id']} ({record['image']}): {type(e).__name__}: {e}")
                 continue
             sample["skipped"] = skipped
             return sample
-        raise RuntimeError(
-            f"{MAX_CONSECUTIVE_BAD_IMAGES} records in a row from index {index} have images that fail to decode; "
-            f"last: {skipped[-1]}. Check the image files."
-        )
+        raise RuntimeError(f"no record's image decodes (last: {skipped[-1] if skipped else 'none left'}): "
+                           "check the image files")
 
 
 class SyntheticInstructDataset(Dataset):
