@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from torch.utils.checkpoint import checkpoint
 
 from m2pt_kernels import prefix_attention
 
@@ -57,8 +57,8 @@ class PrefixContext:
     def check_used(self) -> None:
         missed = [type(m).__name__ for m in self.prefix if m not in self.used]
         if missed:
-            raise RuntimeError(f"{len(missed)} attention module(s) ({missed[0]}, ...) never received their prompt K/V: "
-                               "their layers do not route attention through transformers' attention interface")
+            raise RuntimeError(f"{len(missed)} attention module(s) ({missed[0]}, ...) never received their prompt "
+                               "K/V: their layers do not route attention through transformers' attention interface")
 
 
 CAPTURE = object()  # `m2pt=CAPTURE`: return the layer's K/V to prefix_kv instead of attending

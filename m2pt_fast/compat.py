@@ -45,7 +45,8 @@ __all__ = [
 ]
 
 # The keyword transformers' decoder layers and mask helpers take their KV cache under.
-CACHE_KWARG = "cache" if "cache" in inspect.signature(masking_utils.create_causal_mask).parameters else "past_key_values"
+CACHE_KWARG = ("cache" if "cache" in inspect.signature(masking_utils.create_causal_mask).parameters
+               else "past_key_values")
 
 
 def cache_kwargs(cache: Cache | None) -> dict:

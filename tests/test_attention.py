@@ -85,7 +85,8 @@ def test_route_refuses_an_attention_it_cannot_wrap():
 def test_a_layer_whose_attention_bypasses_the_interface_cannot_carry_prompts():
     class OwnAttention(nn.Module):  # computes attention itself, never through transformers' registry
         def forward(self, hidden, mask, **kwargs):
-            return torch.nn.functional.scaled_dot_product_attention(hidden[:, None], hidden[:, None], hidden[:, None])[:, 0]
+            heads = hidden[:, None]  # (B, 1, N, d)
+            return torch.nn.functional.scaled_dot_product_attention(heads, heads, heads)[:, 0]
 
     with pytest.raises(RuntimeError, match="OwnAttention"):
         attention.prefix_kv(OwnAttention(), torch.randn(3, 8), None)

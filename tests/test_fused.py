@@ -24,7 +24,8 @@ def odd_heads_config():
     )
 
 
-SHAPES = {"tiny": "tiny", "tiny-gqa": "tiny-gqa", "odd-heads": odd_heads_config, "tiny-siglip-qwen2": "tiny-siglip-qwen2"}
+SHAPES = {"tiny": "tiny", "tiny-gqa": "tiny-gqa", "odd-heads": odd_heads_config,
+          "tiny-siglip-qwen2": "tiny-siglip-qwen2"}
 
 
 @pytest.fixture

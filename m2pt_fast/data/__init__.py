@@ -18,7 +18,8 @@ from .synthetic import synthetic_record, synthetic_texts, write_llava_json
 from .tokenizer import IMAGE, build_word_tokenizer, words_of
 
 __all__ = [
-    "IGNORE_INDEX", "IMAGE", "BadRecord", "ConversationEncoder", "EpochShardSampler", "ImagePreprocessor", "LlavaJsonDataset",
+    "IGNORE_INDEX", "IMAGE", "BadRecord", "ConversationEncoder", "EpochShardSampler", "ImagePreprocessor",
+    "LlavaJsonDataset",
     "SampleBuilder", "SkipReport", "SyntheticInstructDataset", "build_word_tokenizer", "check_images_decode",
     "load_llava_records",
     "make_collate", "synthetic_record", "synthetic_texts", "words_of", "write_llava_json",

@@ -20,7 +20,8 @@ def as_rgb(image: Image.Image) -> Image.Image:
         levels = np.asarray(image, dtype=np.float64)
         # "I;16*" holds 0..65535; a 16-bit PNG may also open as "I" (32-bit ints, the same range)
         scale = 65535.0 if image.mode.startswith("I;16") or levels.max(initial=0) > 255 else 255.0
-        image = Image.fromarray(np.clip(np.rint(levels * (255.0 / scale)), 0, 255).astype(np.uint8))  # (H, W) uint8: mode "L"
+        grey = np.clip(np.rint(levels * (255.0 / scale)), 0, 255).astype(np.uint8)  # (H, W)
+        image = Image.fromarray(grey)  # mode "L"
     return image.convert("RGB")
 
 
