@@ -65,7 +65,11 @@ def save_prompts(model, path: str | os.PathLike,
                for k, v in _tuned_tensors(model).items()}
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, **_settings(model)}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves no partial file behind
+        raise
     os.replace(tmp, path)  # a crash mid-write leaves any earlier file intact
     return path
 

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from torch.utils.data import DataLoader
 
 from m2pt_fast import (
@@ -140,6 +141,14 @@ def _texts_of_llava_json(path: str) -> list[str]:
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+# What a failed write raises: OSError; RuntimeError from torch.save; SafetensorError from safetensors.
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+
+
+class WriteFailed(Exception):
+    """A checkpoint or the prompt file could not be written (the message says what is kept, and where)."""
 
 
 class M2PTRecipe:
@@ -419,6 +428,12 @@ class M2PTRecipe:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
+    def _all_ranks(self, ok: bool) -> bool:
+        """True when `ok` holds on every rank (a collective)."""
+        flag = torch.tensor([float(ok)], device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
     def train(self) -> int:
         """Train to the last step; returns the process exit code (0, or 1 after a non-finite loss)."""
         from tqdm import tqdm
@@ -467,6 +482,11 @@ class M2PTRecipe:
                     if self.global_step >= self.total_steps:
                         break
                 epoch, step_in_epoch = epoch + 1, 0
+        except WriteFailed as e:
+            if self.rank == 0:
+                log.error("%s", e)
+            progress.close()
+            return 1
         except NonFiniteLoss as e:
             found = newest_checkpoint(self.output_dir)
             if self.rank == 0:
@@ -479,7 +499,12 @@ class M2PTRecipe:
             progress.close()
             return 1
         progress.close()
-        self._save_final()
+        try:
+            self._save_final()
+        except WriteFailed as e:
+            if self.rank == 0:
+                log.error("%s", e)
+            return 1
         return 0
 
     def _local_grad_norm(self) -> float | None:
@@ -542,33 +567,70 @@ class M2PTRecipe:
                 save_prompts(self.model, tmp, values)
                 os.replace(tmp, path)
 
+    def _write_failure(self, what: str, error: BaseException | None) -> str:
+        import shutil
+
+        import errno
+
+        free = shutil.disk_usage(self.output_dir).free
+        # torch.save says "unexpected pos ..." where the disk filled up, not ENOSPC
+        full = getattr(error, "errno", None) == errno.ENOSPC or free < 64 * 2**20
+        found = newest_checkpoint(self.output_dir)
+        kept = (f"the previous checkpoint {found[1]} is intact: make room, then --resume" if found
+                else "there is no earlier checkpoint")
+        return (f"could not write {what} under {self.output_dir}" + (": the disk is full" if full else "")
+                + f" ({error}; {free / 2**20:.2f} MiB free there); {kept}")
+
     def _save_checkpoint(self, rng: dict) -> None:
-        """Write checkpoint step-<global_step>; rng: the RNG state to restore on resume (rng_state())."""
+        """Write checkpoint step-<global_step>; rng: the RNG state to restore on resume (rng_state()).
+
+        A failed write (a full disk, say) removes the partial directory and raises WriteFailed; the
+        previous checkpoint stays as it was."""
+        import shutil
+
         step = self.global_step
         tmp = temporary_dir(self.output_dir, step)
-        if self.rank == 0:
-            if tmp.exists():
-                import shutil
-
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        dist.barrier()
-        epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
-        client = {"step": step, "signature": self._run_signature(),  # the data position: where the next step reads
-                  "epoch": epoch, "micro_batch_in_epoch": step_in_epoch * self.cfg.gradient_accumulation_steps}
-        self.engine.save_checkpoint(str(tmp), tag=STATE_TAG, client_state=client, save_latest=False,
-                                    exclude_frozen_parameters=True)
-        save_rng(tmp, self.rank, rng)
-        self._write_prompts(tmp / "prompts.safetensors")
-        dist.barrier()
+        error = None
+        try:
+            if self.rank == 0:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+            dist.barrier()
+            epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
+            client = {"step": step, "signature": self._run_signature(),  # the data position: where the next step reads
+                      "epoch": epoch, "micro_batch_in_epoch": step_in_epoch * self.cfg.gradient_accumulation_steps}
+            self.engine.save_checkpoint(str(tmp), tag=STATE_TAG, client_state=client, save_latest=False,
+                                        exclude_frozen_parameters=True)
+            save_rng(tmp, self.rank, rng)
+            self._write_prompts(tmp / "prompts.safetensors")
+        except WRITE_ERRORS as e:  # torch.save reports a full disk as a RuntimeError
+            error = e
+        if not self._all_ranks(error is None):
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise WriteFailed(self._write_failure(f"checkpoint step-{step}", error))
         if self.rank == 0:
             path = publish(self.output_dir, step, keep=self.cfg.save_total_limit)
             log.info("checkpoint %s", path)
         dist.barrier()
 
     def _save_final(self) -> None:
+        """The prompt file; where it cannot be written (a full disk), it goes to the system's temporary
+        directory instead, so that a run without checkpoints is not lost, and WriteFailed says where."""
+        import tempfile
+
         path = self.output_dir / "prompts.safetensors"
-        self._write_prompts(path)
+        try:
+            self._write_prompts(path)
+        except WRITE_ERRORS as e:
+            fallback = Path(tempfile.gettempdir()) / f"m2pt-prompts-{os.getpid()}.safetensors"
+            try:
+                self._write_prompts(fallback)
+            except WRITE_ERRORS as second:
+                raise WriteFailed(self._write_failure("the prompt file", e) + f"; nor to {fallback}: {second}") from e
+            raise WriteFailed(self._write_failure("the prompt file", e)
+                              + f"; the trained prompts were written to {fallback} instead") from e
         if self.rank == 0:
             last = self.metrics_path.read_text().splitlines()[-1:]
             loss = json.loads(last[0])["loss"] if last else float("nan")

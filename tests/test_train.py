@@ -454,3 +454,48 @@ def test_an_output_directory_held_by_a_live_run_is_refused_with_its_pid(tmp_path
     assert train.main(["--output_dir", str(out)]) == 0
     assert "took over the lock of a run that is gone" in capsys.readouterr().err
     assert not (out / LOCK_NAME).exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """small_disk(kib): a fresh tmpfs of that size (root only: mount). Unmounted afterwards."""
+    mounted = []
+
+    def make(kib: int) -> Path:
+        where = tmp_path / f"disk{len(mounted)}"
+        where.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(where)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here to fill up ({done.stderr.strip()})")
+        mounted.append(where)
+        return where
+
+    yield make
+    for where in mounted:
+        subprocess.run(["umount", str(where)], check=False)
+
+
+def test_a_full_disk_says_so_and_keeps_the_previous_checkpoint(small_disk, tmp_path):
+    disk = small_disk(400)  # room for the run's files and two checkpoints, not a third
+    out = disk / "out"
+    args = ("--max_steps", "4", "--save_steps", "1", "--save_total_limit", "5", "--dataloader_num_workers", "0")
+    result = python_run(out, *args, expect=1)
+    assert "could not write checkpoint step-3" in result.stderr and "the disk is full" in result.stderr
+    assert "checkpoints/step-2 is intact" in result.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]  # no partial left
+    roomy = tmp_path / "roomy"
+    shutil.copytree(out, roomy)
+    python_run(roomy, *args, "--resume")  # the kept checkpoint continues the run
+    assert [m["step"] for m in metrics(roomy)] == [1, 2, 3, 4] and (roomy / "prompts.safetensors").is_file()
+
+
+def test_a_failed_final_write_does_not_lose_the_run(small_disk):
+    disk = small_disk(48)  # the run's small files fit, the prompt file does not
+    result = python_run(disk / "out", "--max_steps", "2", "--dataloader_num_workers", "0", expect=1)
+    assert "could not write the prompt file" in result.stderr and "the disk is full" in result.stderr
+    fallback = Path(result.stderr.split("the trained prompts were written to ")[1].split(" instead")[0])
+    try:
+        assert tensors(fallback)["text_prompts"].dtype == torch.float32
+    finally:
+        fallback.unlink(missing_ok=True)
