@@ -311,9 +311,10 @@ class M2PTRecipe:
             optimizer = DeepSpeedCPUAdam(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, adamw_mode=True)
         else:
             optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        warmup = math.ceil(cfg.warmup_ratio * self.total_steps)
+        # Read at every step: a resumed run with more steps moves total_steps and keeps the warmup it had.
+        self.warmup_steps = math.ceil(cfg.warmup_ratio * self.total_steps)
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_multiplier(step, warmup, self.total_steps, cfg.lr_scheduler_type)
+            optimizer, lambda step: lr_multiplier(step, self.warmup_steps, self.total_steps, cfg.lr_scheduler_type)
         )
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model, optimizer=optimizer, lr_scheduler=schedule, config=self.ds_config,
@@ -348,8 +349,8 @@ class M2PTRecipe:
         found = newest_checkpoint(self.output_dir)
         if cfg.resume:
             if found is None:
-                raise ValueError(f"--resume: no complete checkpoint under {self.output_dir}/checkpoints; "
-                                 "leave out --resume to start a new run")
+                raise ValueError(f"--resume: no complete checkpoint under {self.output_dir}/checkpoints (a run with "
+                                 "--save_steps 0 writes none); leave out --resume to start a new run")
             self._resume(*self._intact_checkpoint())
         elif found is not None:
             raise ValueError(f"{self.output_dir} already holds checkpoints of a run: pass --resume to continue it, "
@@ -386,7 +387,7 @@ class M2PTRecipe:
         cfg = self.cfg
         return {"world_size": self.world_size, "per_device_train_batch_size": cfg.per_device_train_batch_size,
                 "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "seed": cfg.seed,
-                "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch}
+                "steps_per_epoch": self.steps_per_epoch}
 
     def _resume(self, step: int, path: Path) -> None:
         _, client = self.engine.load_checkpoint(
@@ -398,15 +399,27 @@ class M2PTRecipe:
         if mismatched:
             raise ValueError(f"{path} comes from a run with other settings ({{name: (saved, now)}}: {mismatched}); "
                              "resume with the same options and number of processes")
+        if step >= self.total_steps:
+            raise ValueError(f"{path} is at step {step} and this run has {self.total_steps} steps: it is done. Give "
+                             "a larger --max_steps (or --num_train_epochs) to train it further")
         load_rng(path, self.rank, self.world_size)
+        saved_total = client.get("total_steps", saved.get("total_steps"))
+        moved = saved_total is not None and saved_total != self.total_steps
+        if moved:
+            # the schedule stretches to the new end from where it is; its warmup stays the one that ran
+            self.warmup_steps = client.get("warmup_steps", self.warmup_steps)
+            log.warning("the learning-rate schedule continues to the new end: step %d of %d (the checkpoint's run "
+                        "had %d steps)", step, self.total_steps, saved_total)
         saved_lr = self.scheduler.base_lrs[0]
         if saved_lr != self.cfg.learning_rate:
             # e.g. after a non-finite loss: the new rate takes over the schedule from the resumed step on
             log.warning("--learning_rate %g replaces the checkpoint's %g from step %d on",
                         self.cfg.learning_rate, saved_lr, step + 1)
             self.scheduler.base_lrs = [self.cfg.learning_rate] * len(self.scheduler.base_lrs)
-            for group, multiplier in zip(self.scheduler.optimizer.param_groups, self.scheduler.lr_lambdas):
-                group["lr"] = self.cfg.learning_rate * multiplier(self.scheduler.last_epoch)
+        if moved or saved_lr != self.cfg.learning_rate:
+            for group, base, multiplier in zip(self.scheduler.optimizer.param_groups, self.scheduler.base_lrs,
+                                               self.scheduler.lr_lambdas):
+                group["lr"] = base * multiplier(self.scheduler.last_epoch)
         self.global_step = step
         if self.rank == 0:
             truncate_metrics(self.metrics_path, step)
@@ -482,6 +495,8 @@ class M2PTRecipe:
                     if self.global_step >= self.total_steps:
                         break
                 epoch, step_in_epoch = epoch + 1, 0
+            if cfg.save_steps:  # the end of a run with checkpoints leaves one: --resume can train it further
+                self._save_checkpoint(rng_state())
         except WriteFailed as e:
             if self.rank == 0:
                 log.error("%s", e)
@@ -599,7 +614,8 @@ class M2PTRecipe:
             dist.barrier()
             epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
             client = {"step": step, "signature": self._run_signature(),  # the data position: where the next step reads
-                      "epoch": epoch, "micro_batch_in_epoch": step_in_epoch * self.cfg.gradient_accumulation_steps}
+                      "epoch": epoch, "micro_batch_in_epoch": step_in_epoch * self.cfg.gradient_accumulation_steps,
+                      "total_steps": self.total_steps, "warmup_steps": self.warmup_steps}
             self.engine.save_checkpoint(str(tmp), tag=STATE_TAG, client_state=client, save_latest=False,
                                         exclude_frozen_parameters=True)
             save_rng(tmp, self.rank, rng)

@@ -105,11 +105,20 @@ def test_deepspeed_zero3_two_processes_matches_zero2(zero2_run, tmp_path):
         assert (ours[name] - theirs[name]).abs().max() < 1e-5, name
 
 
+def _interrupted_copy(run: Path, dest: Path, step: int) -> Path:
+    """What `run` had written by its step-`step` checkpoint: a copy without later checkpoints (the end's
+    among them) and without the final prompt file."""
+    shutil.copytree(run, dest)
+    (dest / "prompts.safetensors").unlink()
+    for later in (dest / "checkpoints").glob("step-*"):
+        if int(later.name.split("-")[1]) > step:
+            shutil.rmtree(later)
+    return dest
+
+
 def test_resume_ends_bit_for_bit_like_an_uninterrupted_run(zero2_run, tmp_path):
     # The interrupted run: everything the uninterrupted one had written by its step-2 checkpoint.
-    resumed = tmp_path / "run"
-    shutil.copytree(zero2_run, resumed)
-    (resumed / "prompts.safetensors").unlink()
+    resumed = _interrupted_copy(zero2_run, tmp_path / "run", 2)
     # and a save of step 3 that was killed half-way: it must be ignored, and cleared
     partial = resumed / "checkpoints" / ".tmp-step-3" / "state"
     partial.mkdir(parents=True)
@@ -205,8 +214,9 @@ def test_non_finite_loss_never_reaches_a_checkpoint(tmp_path):
 def test_a_checkpoint_is_written_once_the_next_loss_is_finite(tmp_path):
     python_run(tmp_path, "--max_steps", "3", "--save_steps", "1", "--save_total_limit", "5",
                "--dataloader_num_workers", "0")
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-1", "step-2"]
-    assert (tmp_path / "prompts.safetensors").is_file()  # the last step writes the prompt file instead
+    # step-1 and step-2 once the next loss came out finite; step-3, the end, so that --resume can go on
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-1", "step-2", "step-3"]
+    assert (tmp_path / "prompts.safetensors").is_file()
 
 
 def test_bad_options_stop_before_training_with_the_fix(tmp_path):
@@ -312,9 +322,7 @@ def test_bf16_zero0_trains_like_zero1(bf16_run):
 def test_bf16_resume_ends_bit_for_bit_like_an_uninterrupted_run(bf16_run, tmp_path):
     # bf16 state is two copies of each tuned tensor: the bf16 module's and the optimizer's fp32 masters
     uninterrupted = bf16_run("zero2")
-    resumed = tmp_path / "run"
-    shutil.copytree(uninterrupted, resumed)
-    (resumed / "prompts.safetensors").unlink()
+    resumed = _interrupted_copy(uninterrupted, tmp_path / "run", 2)
     deepspeed_run(resumed, "--ds_config", "configs/zero2.json", *BF16_SHORT, "--resume")
     ours, theirs = tensors(resumed / "prompts.safetensors"), tensors(uninterrupted / "prompts.safetensors")
     assert ours.keys() == theirs.keys()
@@ -325,7 +333,7 @@ def test_bf16_resume_ends_bit_for_bit_like_an_uninterrupted_run(bf16_run, tmp_pa
 
 @pytest.fixture(scope="module")
 def two_checkpoints(tmp_path_factory):
-    """A 3-step run with checkpoints step-1 and step-2 (one process), to damage copies of."""
+    """A 3-step run with checkpoints step-1, step-2 and step-3 (its end; one process), to damage copies of."""
     out = tmp_path_factory.mktemp("two-checkpoints")
     python_run(out, *RESUMABLE)
     return out
@@ -368,9 +376,7 @@ def test_damage_is_found_by_the_checkpoint_check(two_checkpoints, tmp_path, how)
 
 @pytest.mark.parametrize("how", ["truncated", "no_rng"])
 def test_resume_passes_over_a_damaged_newest_checkpoint(two_checkpoints, tmp_path, how):
-    out = tmp_path / "run"
-    shutil.copytree(two_checkpoints, out)
-    (out / "prompts.safetensors").unlink()
+    out = _interrupted_copy(two_checkpoints, tmp_path / "run", 2)  # step-2 is the newest, and damaged
     _damage(out / "checkpoints" / "step-2", how)
     result = python_run(out, *RESUMABLE, "--resume")
     assert "checkpoints/step-2 is damaged" in result.stderr and "checkpoints/step-1" in result.stderr
@@ -382,6 +388,7 @@ def test_resume_passes_over_a_damaged_newest_checkpoint(two_checkpoints, tmp_pat
 def test_resume_with_every_checkpoint_damaged_names_each(two_checkpoints, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(two_checkpoints, out)
+    _damage(out / "checkpoints" / "step-3", "empty_file")
     _damage(out / "checkpoints" / "step-2", "truncated")
     _damage(out / "checkpoints" / "step-1", "no_state")
     result = python_run(out, *RESUMABLE, "--resume", expect=2)
@@ -499,3 +506,18 @@ def test_a_failed_final_write_does_not_lose_the_run(small_disk):
         assert tensors(fallback)["text_prompts"].dtype == torch.float32
     finally:
         fallback.unlink(missing_ok=True)
+
+
+def test_a_finished_run_trains_further_with_a_larger_max_steps(tmp_path):
+    args = ("--save_steps", "2", "--dataloader_num_workers", "0", "--warmup_ratio", "0", "--lr_scheduler_type",
+            "linear", "--learning_rate", "1e-3")
+    python_run(tmp_path, "--max_steps", "3", *args)
+    result = python_run(tmp_path, "--max_steps", "3", *args, "--resume", expect=2)
+    assert "is at step 3 and this run has 3 steps: it is done" in result.stderr
+    result = python_run(tmp_path, "--max_steps", "5", *args, "--resume")
+    assert "schedule continues to the new end: step 3 of 5 (the checkpoint's run had 3 steps)" in result.stderr
+    steps = metrics(tmp_path)
+    assert [m["step"] for m in steps] == [1, 2, 3, 4, 5]
+    # linear decay to the new end from where it was: step k uses 1e-3 * (1 - (k - 1) / 5)
+    assert [m["lr"] for m in steps[3:]] == pytest.approx([1e-3 * 0.4, 1e-3 * 0.2], rel=1e-6)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir())[-1] == "step-5"
