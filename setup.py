@@ -40,7 +40,7 @@ EXTRAS = {
     "triton": ["triton>=3.2,<3.8"],
     "bitsandbytes": ["bitsandbytes>=0.50,<0.51"],
     # deepspeed ships only an sdist; setup.sh builds it with DS_BUILD_OPS=0 (ops JIT-compile later).
-    "deepspeed": ["deepspeed>=0.17,<0.20"],
+    "deepspeed": ["deepspeed>=0.17,<0.20", "psutil>=5.9"],
     # flash-attn has no wheel on the registry (CUDA source build): never required.
     "gpu": ["flash-attn>=2.6"],
 }

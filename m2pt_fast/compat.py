@@ -37,6 +37,7 @@ __all__ = [
     "GradientCheckpointingLayer",
     "cache_kwargs",
     "causal_mask",
+    "deepspeed_cpu_comm_without_shm",
     "load_image_processor",
     "new_cache",
     "no_init_weights",
@@ -88,3 +89,16 @@ def load_image_processor(model_dir: str):
         if pil_class is None:
             raise
         return pil_class.from_pretrained(model_dir, local_files_only=True)
+
+
+def deepspeed_cpu_comm_without_shm() -> None:
+    """Keep DeepSpeed's shared-memory all-reduce op out of a CPU run; gloo's all-reduce does the work.
+
+    DeepSpeed (0.17 to 0.19) compiles that op on the first init_distributed of a CPU run, a C++ build
+    that costs minutes and a few GB of memory on a small machine, and each process then leaves a 66 MB
+    segment in /dev/shm (deepspeed_allreduce_buffer_*) that nothing unlinks: a test suite's runs fill
+    the machine's memory with them. Whether DeepSpeed uses the op is read from this table.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import socket
 import sys
 import time
@@ -54,12 +55,14 @@ from m2pt_fast import (
     save_prompts,
     trainable_report,
 )
+from m2pt_fast import compat
 from m2pt_fast import model as m2pt_model
 from m2pt_fast.checkpointing import (
     STATE_TAG,
     OutputDirLock,
     checkpoint_problems,
     complete_checkpoints,
+    final_dir,
     load_rng,
     newest_checkpoint,
     publish,
@@ -87,6 +90,7 @@ from m2pt_fast.data import (
 from m2pt_fast.data.conversation import ASSISTANT, SYSTEM_PROMPT, USER
 from m2pt_fast.ds_config import load_ds_config, offloads_optimizer, resolve_ds_config, zero_stage
 from m2pt_fast.master_weights import fp32_master_values
+from m2pt_fast.runner_watch import watch_runner
 from m2pt_fast.train_config import TrainConfig, parse_args, to_dict
 
 log = logging.getLogger("m2pt_fast.train")
@@ -192,6 +196,8 @@ class M2PTRecipe:
             # LOCAL_RANK past the visible count: the rank's GPU is then the only one it sees.
             local_rank %= torch.cuda.device_count()
             torch.cuda.set_device(local_rank)
+        else:
+            compat.deepspeed_cpu_comm_without_shm()
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", dist_init_required=True)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
@@ -495,7 +501,8 @@ class M2PTRecipe:
                     if self.global_step >= self.total_steps:
                         break
                 epoch, step_in_epoch = epoch + 1, 0
-            if cfg.save_steps:  # the end of a run with checkpoints leaves one: --resume can train it further
+            ended_with_checkpoint = bool(cfg.save_steps)
+            if ended_with_checkpoint:  # the end of a run with checkpoints leaves one: --resume can train it further
                 self._save_checkpoint(rng_state())
         except WriteFailed as e:
             if self.rank == 0:
@@ -515,7 +522,8 @@ class M2PTRecipe:
             return 1
         progress.close()
         try:
-            self._save_final()
+            self._save_final(final_dir(self.output_dir, self.global_step) / "prompts.safetensors"
+                             if ended_with_checkpoint else None)
         except WriteFailed as e:
             if self.rank == 0:
                 log.error("%s", e)
@@ -567,11 +575,19 @@ class M2PTRecipe:
             return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
         return contextlib.nullcontext()
 
-    def _write_prompts(self, path: Path) -> None:
+    def _write_prompts(self, path: Path, copy_of: Path | None = None) -> None:
         """The prompt file, written by rank 0 through a temporary name (all ranks must call this).
 
         In bf16 it holds the optimizer's fp32 master values, not the module's bf16 copies of them.
+        copy_of: a prompt file of the same state (the checkpoint just written) to copy instead: under
+        ZeRO-3, DeepSpeed 0.17 gathers garbage into a parameter gathered twice in a row.
         """
+        if copy_of is not None:
+            if self.rank == 0:
+                tmp = path.with_name(f".tmp-{path.name}")
+                shutil.copyfile(copy_of, tmp)
+                os.replace(tmp, path)
+            return
         with self._gathered_tuned():
             values = {}
             if self.bf16:  # collective under ZeRO 1-3
@@ -583,8 +599,6 @@ class M2PTRecipe:
                 os.replace(tmp, path)
 
     def _write_failure(self, what: str, error: BaseException | None) -> str:
-        import shutil
-
         import errno
 
         free = shutil.disk_usage(self.output_dir).free
@@ -601,8 +615,6 @@ class M2PTRecipe:
 
         A failed write (a full disk, say) removes the partial directory and raises WriteFailed; the
         previous checkpoint stays as it was."""
-        import shutil
-
         step = self.global_step
         tmp = temporary_dir(self.output_dir, step)
         error = None
@@ -631,18 +643,19 @@ class M2PTRecipe:
             log.info("checkpoint %s", path)
         dist.barrier()
 
-    def _save_final(self) -> None:
-        """The prompt file; where it cannot be written (a full disk), it goes to the system's temporary
-        directory instead, so that a run without checkpoints is not lost, and WriteFailed says where."""
+    def _save_final(self, copy_of: Path | None = None) -> None:
+        """The prompt file (a copy of `copy_of`, the final checkpoint's, where given); where it cannot be
+        written (a full disk), it goes to the system's temporary directory instead, so that a run
+        without checkpoints is not lost, and WriteFailed says where."""
         import tempfile
 
         path = self.output_dir / "prompts.safetensors"
         try:
-            self._write_prompts(path)
+            self._write_prompts(path, copy_of)
         except WRITE_ERRORS as e:
             fallback = Path(tempfile.gettempdir()) / f"m2pt-prompts-{os.getpid()}.safetensors"
             try:
-                self._write_prompts(fallback)
+                self._write_prompts(fallback, copy_of)
             except WRITE_ERRORS as second:
                 raise WriteFailed(self._write_failure("the prompt file", e) + f"; nor to {fallback}: {second}") from e
             raise WriteFailed(self._write_failure("the prompt file", e)
@@ -684,6 +697,7 @@ def main(argv: list[str] | None = None) -> int:
             note = lock.acquire()
             if note:
                 print(f"train.py: {config.output_dir}: {note}", file=sys.stderr)
+        watch_runner()  # a signal to the `deepspeed` command alone reaches no rank otherwise
     except ValueError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
