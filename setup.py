@@ -41,6 +41,8 @@ EXTRAS = {
     "bitsandbytes": ["bitsandbytes>=0.50,<0.51"],
     # deepspeed ships only an sdist; setup.sh builds it with DS_BUILD_OPS=0 (ops JIT-compile later).
     "deepspeed": ["deepspeed>=0.17,<0.20", "psutil>=5.9"],
+    # --method lora (0.17 imports transformers' HybridCache, gone in transformers 5)
+    "peft": ["peft>=0.18,<0.22"],
     # flash-attn has no wheel on the registry (CUDA source build): never required.
     "gpu": ["flash-attn>=2.6"],
 }

@@ -21,7 +21,7 @@ if ! "$PY" -c "import triton" 2>/dev/null; then
     "${PIP[@]}" "triton==${M2PT_TRITON_VERSION:-3.7.1}"
 fi
 
-extras="triton,bitsandbytes,deepspeed"
+extras="triton,bitsandbytes,deepspeed,peft"
 if [ "${1:-}" = "dev" ]; then extras="$extras,dev"; fi
 echo "[setup] installing m2pt-fast[$extras]"
 DS_BUILD_OPS=0 "${PIP[@]}" -e ".[$extras]"

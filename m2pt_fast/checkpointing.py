@@ -69,10 +69,11 @@ def _load(path: Path):
         return None, f"{path.name} cannot be read ({type(exc).__name__}: {str(exc)[:120]})"
 
 
-def checkpoint_problems(path: Path, world_size: int) -> list[str]:
+def checkpoint_problems(path: Path, world_size: int, output: str | None = "prompts.safetensors") -> list[str]:
     """What keeps checkpoint directory `path` from being resumed ([] if nothing): every file is read
     back in full (a checkpoint holds the tuned tensors and their optimizer state only, so this costs
-    little next to loading the model). Raises CheckpointMismatch for one written by another number
+    little next to loading the model). `output`: the method's output it holds besides (a prompt file,
+    a PEFT adapter directory; None: none). Raises CheckpointMismatch for one written by another number
     of processes."""
     problems = []
     state = path / STATE_TAG
@@ -96,11 +97,13 @@ def checkpoint_problems(path: Path, world_size: int) -> list[str]:
             problems.append(f"{rng.name} (rank {rank}'s RNG state) is missing")
         elif problem := _load(rng)[1]:
             problems.append(problem)
-    prompts = path / "prompts.safetensors"
-    if not prompts.is_file():
-        problems.append("prompts.safetensors is missing")
-    elif problem := _load(prompts)[1]:
-        problems.append(problem)
+    if output is not None:
+        # an adapter directory's tensors are its adapter_model.safetensors
+        tensors = path / output / "adapter_model.safetensors" if not output.endswith(".safetensors") else path / output
+        if not tensors.is_file():
+            problems.append(f"{tensors.relative_to(path)} is missing")
+        elif problem := _load(tensors)[1]:
+            problems.append(problem)
     return problems
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-GROUPS = ("vision prompts", "text prompts", "projector", "lm_head", "backbone")
+GROUPS = ("vision prompts", "text prompts", "projector", "lm_head", "lora", "backbone")
 
 
 @dataclass
@@ -37,7 +37,10 @@ class TrainableReport:
 
 
 def trainable_report(model) -> TrainableReport:
-    """Trainable and total parameter counts of an M2PTLlava, by group (works on the meta device)."""
+    """Trainable and total parameter counts of an M2PTLlava, by group (works on the meta device).
+
+    Under --method lora the projector group holds both PEFT's trained copy and the frozen original
+    it keeps beside it; under --method full the decoder's parameters are the backbone's trainable ones."""
     projector = {id(p) for p in model.projector.parameters()}
     lm_head = {id(p) for p in model.llava.lm_head.parameters()}
     report = TrainableReport({name: GroupCount() for name in GROUPS})
@@ -50,6 +53,8 @@ def trainable_report(model) -> TrainableReport:
             group = "projector"
         elif id(param) in lm_head:
             group = "lm_head"
+        elif ".lora_" in name:  # PEFT's LoRA matrices (--method lora)
+            group = "lora"
         else:
             group = "backbone"
         count = param.numel()

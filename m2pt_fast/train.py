@@ -46,13 +46,11 @@ from safetensors import SafetensorError
 from torch.utils.data import DataLoader
 
 from m2pt_fast import (
-    apply_m2pt,
     build_llava,
     llava_config,
     load_llava,
     load_quantized,
     quantize_model,
-    save_prompts,
     trainable_report,
 )
 from m2pt_fast import compat
@@ -90,6 +88,7 @@ from m2pt_fast.data import (
 from m2pt_fast.data.conversation import ASSISTANT, SYSTEM_PROMPT, USER
 from m2pt_fast.ds_config import load_ds_config, offloads_optimizer, resolve_ds_config, zero_stage
 from m2pt_fast.master_weights import fp32_master_values
+from m2pt_fast.methods import OUTPUT_NAMES, apply_method, check_method, save_output
 from m2pt_fast.runner_watch import watch_runner
 from m2pt_fast.train_config import TrainConfig, parse_args, to_dict
 
@@ -223,8 +222,16 @@ class M2PTRecipe:
         resolved = dataclasses.replace(cfg, quant=self.quant)
         self.ds_config = resolve_ds_config(load_ds_config(cfg.ds_config), resolved, self.world_size, self.bf16, where)
         self.zero_stage = zero_stage(self.ds_config)
+        check_method(cfg.method, cfg.num_vision_prompts, cfg.num_text_prompts, quant=self.quant,
+                     tune_lm_head=cfg.tune_lm_head)
+        # what each checkpoint holds besides DeepSpeed's state: the method's output, but a whole
+        # model's (full fine-tuning: DeepSpeed's state holds those weights already)
+        self.checkpoint_output = None if cfg.method == "full" else OUTPUT_NAMES[cfg.method]
 
-    def _setup_model(self) -> None:
+    def base_llava(self):
+        """The frozen LLaVA this run starts from, built or loaded as the options say (sets self.tokenizer).
+
+        Deterministic: calling it again gives the same weights (what an output is loaded back onto)."""
         cfg = self.cfg
         # the dtype of everything that stays dense (and of the NF4 weights once dequantized)
         dtype = torch.bfloat16 if self.bf16 or self.quant == "bf16" else torch.float32
@@ -242,24 +249,27 @@ class M2PTRecipe:
             )
             if self.quant == "nf4":
                 quantize_model(llava)
-        else:
-            from transformers import AutoTokenizer
+            return llava
+        from transformers import AutoTokenizer
 
-            self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, local_files_only=True)
-            if self.tokenizer.pad_token_id is None:
-                self.tokenizer.pad_token = self.tokenizer.unk_token  # LLaVA's choice for LLaMA tokenizers
-            if self.quant == "nf4":
-                # an NF4 directory (ours or bitsandbytes') loads as is; a float one is quantized as it streams in
-                llava = load_quantized(cfg.model_name_or_path, dtype=dtype).to(self.device)
-            else:
-                llava = load_llava(cfg.model_name_or_path, device=self.device, dtype=dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, local_files_only=True)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.unk_token  # LLaVA's choice for LLaMA tokenizers
+        if self.quant == "nf4":
+            # an NF4 directory (ours or bitsandbytes') loads as is; a float one is quantized as it streams in
+            return load_quantized(cfg.model_name_or_path, dtype=dtype).to(self.device)
+        return load_llava(cfg.model_name_or_path, device=self.device, dtype=dtype)
+
+    def _setup_model(self) -> None:
+        cfg = self.cfg
+        llava = self.base_llava()
         torch.manual_seed(cfg.seed)  # the prompts' initial values, the same on every rank
         backend = cfg.backend
         if backend == "auto":
             backend = "fused" if "fused" in m2pt_model.BACKENDS else "reference"
-        self.model = apply_m2pt(
-            llava, cfg.num_vision_prompts, cfg.num_text_prompts,
-            tune_projector=cfg.tune_projector, tune_lm_head=cfg.tune_lm_head, backend=backend,
+        self.model = apply_method(
+            llava, cfg.method, num_vision_prompts=cfg.num_vision_prompts, num_text_prompts=cfg.num_text_prompts,
+            tune_projector=cfg.tune_projector, tune_lm_head=cfg.tune_lm_head, backend=backend, lora=cfg.lora,
         )
         if cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
@@ -268,7 +278,9 @@ class M2PTRecipe:
             self.preprocess = ImagePreprocessor.clip_default(self.model.image_size)
         else:
             self.preprocess = ImagePreprocessor.from_model_dir(cfg.model_name_or_path, self.model.image_size)
-        log.info("backend %s, %s backbone\n%s", backend, self.quant, trainable_report(self.model))
+        self.parameter_report = trainable_report(self.model)
+        log.info("method %s, backend %s, %s backbone\n%s", cfg.method, self.model.backend, self.quant,
+                 self.parameter_report)
 
     def _setup_data(self) -> None:
         cfg = self.cfg
@@ -367,7 +379,9 @@ class M2PTRecipe:
             if not cfg.resume:
                 self.metrics_path.write_text("")
             run = {"config": to_dict(cfg), "deepspeed": self.ds_config, "world_size": self.world_size,
-                   "total_steps": self.total_steps, "quant": self.quant, "backend": self.model.backend}
+                   "total_steps": self.total_steps, "quant": self.quant, "backend": self.model.backend,
+                   "method": cfg.method, "trainable_parameters": self.parameter_report.trainable,
+                   "total_parameters": self.parameter_report.total}
             (self.output_dir / "run_config.json").write_text(json.dumps(run, indent=2) + "\n")
             if cfg.embedded_model:
                 self.tokenizer.save_pretrained(self.output_dir / "tokenizer")
@@ -377,7 +391,7 @@ class M2PTRecipe:
         """The newest checkpoint that reads back in full; damaged newer ones are named and passed over."""
         damaged = []
         for step, path in reversed(complete_checkpoints(self.output_dir)):
-            problems = checkpoint_problems(path, self.world_size)
+            problems = checkpoint_problems(path, self.world_size, self.checkpoint_output)
             if not problems:
                 if damaged and self.rank == 0:
                     log.warning("resuming from %s, the newest intact checkpoint", path)
@@ -461,7 +475,7 @@ class M2PTRecipe:
         accumulation = cfg.gradient_accumulation_steps
         epoch, step_in_epoch = divmod(self.global_step, self.steps_per_epoch)
         progress = tqdm(total=self.total_steps, initial=self.global_step, disable=self.rank != 0,
-                        desc="m2pt", unit="step", dynamic_ncols=True)
+                        desc=cfg.method, unit="step", dynamic_ncols=True)
         # per optimizer step: [loss sum over micro-batches, tokens, samples, skipped records]
         totals = torch.zeros(4, dtype=torch.float64)
         if self.device.type == "cuda":
@@ -522,8 +536,9 @@ class M2PTRecipe:
             return 1
         progress.close()
         try:
-            self._save_final(final_dir(self.output_dir, self.global_step) / "prompts.safetensors"
-                             if ended_with_checkpoint else None)
+            copy_of = final_dir(self.output_dir, self.global_step) / self.checkpoint_output \
+                if ended_with_checkpoint and self.checkpoint_output else None
+            self._save_final(copy_of)
         except WriteFailed as e:
             if self.rank == 0:
                 log.error("%s", e)
@@ -568,25 +583,28 @@ class M2PTRecipe:
 
     # ----------------------------------------------------------------------------------- outputs
     def _gathered_tuned(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        # a whole model directory (full fine-tuning) needs the frozen parameters too
+        params = [p for p in self.model.parameters() if p.requires_grad or self.cfg.method == "full"]
         if self.zero_stage == 3:
             import deepspeed
 
             return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
         return contextlib.nullcontext()
 
-    def _write_prompts(self, path: Path, copy_of: Path | None = None) -> None:
-        """The prompt file, written by rank 0 through a temporary name (all ranks must call this).
+    def _write_output(self, path: Path, copy_of: Path | None = None) -> None:
+        """What the method leaves (methods.OUTPUT_NAMES: the prompt file, a PEFT adapter or a model
+        directory), written by rank 0 under a temporary name, then renamed (all ranks must call this).
 
         In bf16 it holds the optimizer's fp32 master values, not the module's bf16 copies of them.
-        copy_of: a prompt file of the same state (the checkpoint just written) to copy instead: under
+        copy_of: the same output of the same state (the checkpoint just written) to copy instead: under
         ZeRO-3, DeepSpeed 0.17 gathers garbage into a parameter gathered twice in a row.
         """
+        tmp = path.with_name(f".tmp-{path.name}")
         if copy_of is not None:
             if self.rank == 0:
-                tmp = path.with_name(f".tmp-{path.name}")
-                shutil.copyfile(copy_of, tmp)
-                os.replace(tmp, path)
+                _remove(tmp)
+                (shutil.copytree if copy_of.is_dir() else shutil.copyfile)(copy_of, tmp)
+                _replace(tmp, path)
             return
         with self._gathered_tuned():
             values = {}
@@ -594,9 +612,9 @@ class M2PTRecipe:
                 tuned = [p for p in self.model.parameters() if p.requires_grad]
                 values = fp32_master_values(self.optimizer, tuned)
             if self.rank == 0:
-                tmp = path.with_name(f".tmp-{path.name}")
-                save_prompts(self.model, tmp, values)
-                os.replace(tmp, path)
+                _remove(tmp)
+                save_output(self.model, tmp, values, tokenizer=self.tokenizer, processor_dir=self.cfg.model_name_or_path)
+                _replace(tmp, path)
 
     def _write_failure(self, what: str, error: BaseException | None) -> str:
         import errno
@@ -631,7 +649,8 @@ class M2PTRecipe:
             self.engine.save_checkpoint(str(tmp), tag=STATE_TAG, client_state=client, save_latest=False,
                                         exclude_frozen_parameters=True)
             save_rng(tmp, self.rank, rng)
-            self._write_prompts(tmp / "prompts.safetensors")
+            if self.checkpoint_output:
+                self._write_output(tmp / self.checkpoint_output)
         except WRITE_ERRORS as e:  # torch.save reports a full disk as a RuntimeError
             error = e
         if not self._all_ranks(error is None):
@@ -649,13 +668,13 @@ class M2PTRecipe:
         without checkpoints is not lost, and WriteFailed says where."""
         import tempfile
 
-        path = self.output_dir / "prompts.safetensors"
+        path = self.output_dir / OUTPUT_NAMES[self.cfg.method]
         try:
-            self._write_prompts(path, copy_of)
+            self._write_output(path, copy_of)
         except WRITE_ERRORS as e:
             fallback = Path(tempfile.gettempdir()) / f"m2pt-prompts-{os.getpid()}.safetensors"
             try:
-                self._write_prompts(fallback, copy_of)
+                self._write_output(fallback, copy_of)
             except WRITE_ERRORS as second:
                 raise WriteFailed(self._write_failure("the prompt file", e) + f"; nor to {fallback}: {second}") from e
             raise WriteFailed(self._write_failure("the prompt file", e)
@@ -663,13 +682,27 @@ class M2PTRecipe:
         if self.rank == 0:
             last = self.metrics_path.read_text().splitlines()[-1:]
             loss = json.loads(last[0])["loss"] if last else float("nan")
-            log.info("done: %d steps, last loss %.4f; prompts in %s", self.global_step, loss, path)
+            log.info("done: %d steps, last loss %.4f; trained %s in %s", self.global_step, loss, self.cfg.method, path)
 
     def cleanup(self) -> None:
         # Without the barrier, 2-rank gloo runs sometimes abort at exit (docs/compatibility.md).
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    """Rename `tmp` to `path` (a file, or a directory whose old copy goes first)."""
+    if tmp.is_dir() and path.exists():
+        _remove(path)
+    os.replace(tmp, path)
 
 
 def _check_writable(output_dir: Path) -> None:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from m2pt_fast.methods import LORA_TARGETS, METHODS, PROMPT_METHODS, LoraSettings, check_method, default_prompt_counts
+
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 QUANTS = ("nf4", "bf16", "fp32")
 BACKENDS = ("auto", "fused", "reference")
@@ -30,13 +32,20 @@ class TrainConfig:
     num_synthetic_samples: int = 1024
     model_max_length: int = 2048
     dataloader_num_workers: int = 2
-    # --- M²PT
-    num_vision_prompts: int = 10
-    num_text_prompts: int = 10
+    # --- method (m2pt_fast/methods.py): M²PT or one of the paper's baselines
+    method: str = "m2pt"
+    # --- prompts; None: the method's default (10 on each side it prompts, 0 on the others)
+    num_vision_prompts: int | None = None
+    num_text_prompts: int | None = None
     tune_projector: bool = True
     tune_lm_head: bool = False
     backend: str = "auto"
     quant: str | None = None  # None: bf16 on a GPU, fp32 on the CPU
+    # --- LoRA (--method lora): LLaVA's own recipe by default
+    lora_r: int = 128
+    lora_alpha: float = 256.0
+    lora_dropout: float = 0.05
+    lora_target_modules: str = ",".join(LORA_TARGETS)
     # --- optimisation
     output_dir: str = "outputs/m2pt"
     num_train_epochs: float = 3.0  # the paper's
@@ -62,8 +71,13 @@ class TrainConfig:
     local_rank: int = -1  # set by the deepspeed launcher
 
     def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"--method must be one of {METHODS}, got {self.method!r}")
+        vision, text = default_prompt_counts(self.method)
+        self.num_vision_prompts = vision if self.num_vision_prompts is None else self.num_vision_prompts
+        self.num_text_prompts = text if self.num_text_prompts is None else self.num_text_prompts
         positive = ("num_synthetic_samples", "model_max_length", "per_device_train_batch_size",
-                    "gradient_accumulation_steps", "save_total_limit")
+                    "gradient_accumulation_steps", "save_total_limit", "lora_r")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
@@ -71,7 +85,7 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be 0 or more, got {getattr(self, name)}")
         no_prompts = self.num_vision_prompts == 0 and self.num_text_prompts == 0
-        if no_prompts and not (self.tune_projector or self.tune_lm_head):
+        if self.method in PROMPT_METHODS and no_prompts and not (self.tune_projector or self.tune_lm_head):
             raise ValueError("nothing to train: give --num_vision_prompts/--num_text_prompts > 0 or --tune_projector")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ValueError(f"--max_steps must be a positive number of optimizer steps, or -1 to use "
@@ -84,7 +98,8 @@ class TrainConfig:
             raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"--warmup_ratio is a fraction of the run in [0, 1), got {self.warmup_ratio}")
-        for name in ("learning_rate", "warmup_ratio", "weight_decay", "max_grad_norm", "num_train_epochs"):
+        for name in ("learning_rate", "warmup_ratio", "weight_decay", "max_grad_norm", "num_train_epochs",
+                     "lora_alpha", "lora_dropout"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"--{name} must be a finite number, got {getattr(self, name)}")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
@@ -117,6 +132,15 @@ class TrainConfig:
             raise ValueError(f"--output_dir {self.output_dir} is a file, not a directory: give a directory")
         if self.quant == "nf4" and self.tune_lm_head:
             raise ValueError("--tune_lm_head with --quant nf4: a 4-bit lm_head cannot be trained; use --quant bf16")
+        if not 0.0 <= self.lora_dropout < 1.0 or not self.lora_alpha > 0:
+            raise ValueError(f"--lora_dropout must be in [0, 1) and --lora_alpha > 0, got {self.lora_dropout}, "
+                             f"{self.lora_alpha}")
+        unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
+        if not self.lora_targets or unknown:
+            raise ValueError(f"--lora_target_modules: {unknown or 'none given'}; the decoder's linear layers are "
+                             f"{','.join(LORA_TARGETS)} (comma-separated)")
+        check_method(self.method, self.num_vision_prompts, self.num_text_prompts, quant=self.quant,
+                     tune_lm_head=self.tune_lm_head)
         if self.ds_config and not Path(self.ds_config).is_file():
             raise ValueError(f"--ds_config {self.ds_config} does not exist "
                              "(configs/ has zero0..zero3 and offload variants)")
@@ -124,6 +148,14 @@ class TrainConfig:
     @property
     def embedded_model(self) -> bool:
         return self.model_name_or_path is None
+
+    @property
+    def lora_targets(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in self.lora_target_modules.split(",") if name.strip())
+
+    @property
+    def lora(self) -> LoraSettings:
+        return LoraSettings(self.lora_r, self.lora_alpha, self.lora_dropout, self.lora_targets)
 
 
 def _parse_bool(text: str) -> bool:
@@ -154,6 +186,10 @@ _HELP = {
     "resume": "continue from the newest complete checkpoint in --output_dir",
     "ds_config": "a DeepSpeed JSON (configs/); default: ZeRO-0",
     "local_rank": "set by the deepspeed launcher",
+    "method": "m2pt (default), vpt, text_pt, lora or full (docs/training.md)",
+    "num_vision_prompts": "prompts per vision layer (default: 10 for m2pt and vpt, else 0)",
+    "num_text_prompts": "prompts per decoder layer (default: 10 for m2pt and text_pt, else 0)",
+    "lora_target_modules": "comma-separated decoder linear layers LoRA adapts (default: all seven)",
 }
 
 
@@ -171,11 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
             # `--flag` alone means true; `--flag false` turns a default-on option off
             parser.add_argument(flag, nargs="?", const=True, type=_parse_bool,
                                 help=_HELP.get(f.name, f"true or false (default {default})"))
-        elif f.type in ("int", "float", "float | None"):
-            parser.add_argument(flag, type=int if f.type == "int" else float,
+        elif f.type in ("int", "float", "float | None", "int | None"):
+            parser.add_argument(flag, type=int if f.type.startswith("int") else float,
                                 help=_HELP.get(f.name, f"(default {default})"))
         else:
-            choices = {"lr_scheduler_type": SCHEDULERS, "backend": BACKENDS, "quant": QUANTS}.get(f.name)
+            choices = {"lr_scheduler_type": SCHEDULERS, "backend": BACKENDS, "quant": QUANTS,
+                       "method": METHODS}.get(f.name)
             parser.add_argument(flag, type=str if choices else _optional(str), choices=choices,
                                 help=_HELP.get(f.name, f"(default {default})"))
     return parser

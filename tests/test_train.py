@@ -7,61 +7,22 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch import ROOT, TRAIN, deepspeed_launcher, deepspeed_run, python_run, trainer_env
+from launch import free_port as _free_port
 
 pytest.importorskip("deepspeed")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN = ROOT / "m2pt_fast" / "train.py"
 SHORT = ["--max_steps", "4", "--save_steps", "2", "--dataloader_num_workers", "1", "--warmup_ratio", "0",
          "--learning_rate", "3e-3"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    # One thread per rank: the 2-process runs share the machine's cores. TRITON_INTERPRET (set by
-    # conftest for the kernel tests) is dropped so the trainer runs as a user's would.
-    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    env.pop("TRITON_INTERPRET", None)
-    return env
-
-
-def _run(command: list[str], expect: int = 0) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
-    assert result.returncode == expect, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-    return result
-
-
-def deepspeed_run(output_dir: Path, *args: str, processes: int = 2) -> subprocess.CompletedProcess:
-    launcher = shutil.which("deepspeed")
-    launcher = [launcher] if launcher else [sys.executable, "-m", "deepspeed.launcher.runner"]
-    # a free port of its own: other test runs on the machine may hold DeepSpeed's default one
-    port = _free_port()
-    result = _run([*launcher, "--num_gpus", str(processes), "--master_port", str(port),
-                   str(TRAIN), "--output_dir", str(output_dir), *args])
-    # DeepSpeed's CPU shared-memory all-reduce leaves a segment per rank, named by the port, that
-    # nothing removes; the trainer keeps that op out of CPU runs
-    left = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
-    assert not left, left
-    return result
-
-
-def python_run(output_dir: Path, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
-    return _run([sys.executable, str(TRAIN), "--output_dir", str(output_dir), *args], expect=expect)
 
 
 def metrics(output_dir: Path) -> list[dict]:
@@ -544,11 +505,9 @@ def _ranks_writing(output_dir: Path) -> list:
 def test_a_signal_to_the_deepspeed_command_alone_stops_every_rank(tmp_path, sig):
     import time
 
-    launcher = shutil.which("deepspeed")
-    launcher = [launcher] if launcher else [sys.executable, "-m", "deepspeed.launcher.runner"]
-    command = [*launcher, "--num_gpus", "2", "--master_port", str(_free_port()), str(TRAIN), "--output_dir",
+    command = [*deepspeed_launcher(), "--num_gpus", "2", "--master_port", str(_free_port()), str(TRAIN), "--output_dir",
                str(tmp_path), "--max_steps", "100000", "--dataloader_num_workers", "0"]
-    runner = subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    runner = subprocess.Popen(command, cwd=ROOT, env=trainer_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True)
     metrics_file = tmp_path / "metrics.jsonl"
     try:
