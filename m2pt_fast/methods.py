@@ -31,6 +31,11 @@ PROMPT_METHODS = ("m2pt", "vpt", "text_pt")
 OUTPUT_NAMES = {"m2pt": "prompts.safetensors", "vpt": "prompts.safetensors", "text_pt": "prompts.safetensors",
                 "lora": "adapter", "full": "model"}
 DEFAULT_PROMPTS = 10
+PAPER_LEARNING_RATE = 7e-4  # M²PT's, for prompts and projector alike
+# a real model's default rate per method: the paper's for the prompt methods; LLaVA's own recipes for
+# LoRA (finetune_lora.sh: 2e-4) and full fine-tuning (finetune.sh: 2e-5)
+DEFAULT_LEARNING_RATES = {"m2pt": PAPER_LEARNING_RATE, "vpt": PAPER_LEARNING_RATE, "text_pt": PAPER_LEARNING_RATE,
+                          "lora": 2e-4, "full": 2e-5}
 # LLaVA's own LoRA recipe (scripts/v1_5/finetune_lora.sh): r 128, alpha 256, dropout 0.05, every linear
 # layer of the decoder.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

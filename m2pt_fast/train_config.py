@@ -13,12 +13,20 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from m2pt_fast.methods import LORA_TARGETS, METHODS, PROMPT_METHODS, LoraSettings, check_method, default_prompt_counts
+from m2pt_fast.methods import (
+    DEFAULT_LEARNING_RATES,
+    LORA_TARGETS,
+    METHODS,
+    PAPER_LEARNING_RATE,
+    PROMPT_METHODS,
+    LoraSettings,
+    check_method,
+    default_prompt_counts,
+)
 
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 QUANTS = ("nf4", "bf16", "fp32")
 BACKENDS = ("auto", "fused", "reference")
-PAPER_LEARNING_RATE = 7e-4
 EMBEDDED_LEARNING_RATE = 5e-3
 
 
@@ -93,7 +101,7 @@ class TrainConfig:
         if self.max_steps == -1 and not self.num_train_epochs > 0:
             raise ValueError(f"--num_train_epochs must be > 0 (or give --max_steps), got {self.num_train_epochs}")
         if self.learning_rate is None:
-            self.learning_rate = EMBEDDED_LEARNING_RATE if self.embedded_model else PAPER_LEARNING_RATE
+            self.learning_rate = EMBEDDED_LEARNING_RATE if self.embedded_model else DEFAULT_LEARNING_RATES[self.method]
         if not self.learning_rate > 0:
             raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}")
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -180,7 +188,8 @@ _HELP = {
     "image_folder": "where the JSON's image paths point (default: the JSON's directory)",
     "quant": "the frozen backbone's format (default: bf16 on a GPU, fp32 on the CPU)",
     "bf16": "bf16 compute (default: on with a GPU)",
-    "learning_rate": f"(default {PAPER_LEARNING_RATE}, the paper's; {EMBEDDED_LEARNING_RATE} for the embedded model)",
+    "learning_rate": f"(default {PAPER_LEARNING_RATE}, the paper's, for the prompt methods; 2e-4 for lora and 2e-5 "
+                     f"for full, LLaVA's; {EMBEDDED_LEARNING_RATE} for the embedded model)",
     "max_steps": "optimizer steps; -1 (default) runs --num_train_epochs",
     "save_steps": "checkpoint every this many steps (default 0: none)",
     "resume": "continue from the newest complete checkpoint in --output_dir",

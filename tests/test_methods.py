@@ -162,6 +162,14 @@ def test_method_defaults_set_the_prompt_counts():
     assert parse_args([]).num_vision_prompts == parse_args([]).num_text_prompts == 10
 
 
+def test_a_real_model_s_default_learning_rate_follows_the_method(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "preprocessor_config.json").write_text("{}")
+    rates = {m: parse_args(["--model_name_or_path", str(tmp_path), "--method", m]).learning_rate for m in METHODS}
+    assert rates == {"m2pt": 7e-4, "vpt": 7e-4, "text_pt": 7e-4, "lora": 2e-4, "full": 2e-5}
+    assert parse_args(["--method", "full"]).learning_rate == 5e-3  # the embedded model's
+
+
 @pytest.mark.slow
 def test_qlora_under_zero3_is_refused_before_any_weights_are_read(tmp_path):
     result = python_run(tmp_path, "--method", "lora", "--quant", "nf4", "--ds_config", "configs/zero3.json",
