@@ -161,16 +161,42 @@ def build_llava(
 def load_llava(
     path: str | os.PathLike,
     *,
+    vision_tower: str | os.PathLike | None = None,
+    pretrain_mm_mlp_adapter: str | os.PathLike | None = None,
+    mm_vision_select_layer: int | None = None,
+    mm_vision_select_feature: str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     attn_implementation: str = "sdpa",
 ) -> LlavaForConditionalGeneration:
-    """Load a transformers LLaVA from a local directory (never from the hub)."""
+    """Load a LLaVA from local files (never from the hub), with LLaVA's own option names:
+
+      * a transformers LLaVA directory;
+      * a directory in LLaVA's own layout (LlavaLlamaForCausalLM, mm_* config keys), its vision tower
+        the local CLIP directory `vision_tower` (or the config's mm_vision_tower);
+      * the paper's assembly: a plain LLaMA/Vicuna directory + `vision_tower` + `pretrain_mm_mlp_adapter`
+        (LLaVA's stage-1 mm_projector.bin or .safetensors).
+    The last two go through m2pt_fast.llava_original (its docstring says what the loader adds: an
+    image token row in the input embeddings). mm_vision_select_layer / _feature override a config's.
+    """
+    import json
+
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {str(path)!r} does not exist (local directories only; nothing is downloaded)")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{str(path)!r} has no config.json: is it a transformers model directory?")
+    from m2pt_fast import llava_original
+
+    config = json.loads((path / "config.json").read_text())
+    if llava_original.is_original_layout(config) or pretrain_mm_mlp_adapter is not None or (
+            llava_original.is_plain_llama(config)):
+        model = llava_original.load_original(
+            path, vision_tower=vision_tower, pretrain_mm_mlp_adapter=pretrain_mm_mlp_adapter,
+            mm_vision_select_layer=mm_vision_select_layer, mm_vision_select_feature=mm_vision_select_feature,
+            device=device, dtype=dtype)
+        model.config._attn_implementation = attn_implementation
+        return model
     weights = [*path.glob("*.safetensors"), *path.glob("*.bin"), *path.glob("*.safetensors.index.json")]
     if not weights:
         raise FileNotFoundError(f"{str(path)!r} has a config.json but no weights (*.safetensors or *.bin)")

@@ -53,7 +53,7 @@ from m2pt_fast import (
     quantize_model,
     trainable_report,
 )
-from m2pt_fast import compat
+from m2pt_fast import compat, llava_original
 from m2pt_fast import model as m2pt_model
 from m2pt_fast.checkpointing import (
     STATE_TAG,
@@ -255,6 +255,16 @@ class M2PTRecipe:
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, local_files_only=True)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.unk_token  # LLaVA's choice for LLaMA tokenizers
+        if cfg.llava_source == "original":
+            # LLaVA's own layout or the paper's assembly (m2pt_fast/llava_original.py)
+            llava = load_llava(cfg.model_name_or_path, vision_tower=cfg.vision_tower,
+                               pretrain_mm_mlp_adapter=cfg.pretrain_mm_mlp_adapter,
+                               mm_vision_select_layer=cfg.mm_vision_select_layer,
+                               mm_vision_select_feature=cfg.mm_vision_select_feature, device=self.device, dtype=dtype)
+            llava_original.add_image_token(self.tokenizer, llava)
+            if self.quant == "nf4":
+                quantize_model(llava)
+            return llava
         if self.quant == "nf4":
             # an NF4 directory (ours or bitsandbytes') loads as is; a float one is quantized as it streams in
             return load_quantized(cfg.model_name_or_path, dtype=dtype).to(self.device)
@@ -277,7 +287,7 @@ class M2PTRecipe:
         if cfg.embedded_model:
             self.preprocess = ImagePreprocessor.clip_default(self.model.image_size)
         else:
-            self.preprocess = ImagePreprocessor.from_model_dir(cfg.model_name_or_path, self.model.image_size)
+            self.preprocess = ImagePreprocessor.from_model_dir(cfg.processor_dir, self.model.image_size)
         self.parameter_report = trainable_report(self.model)
         log.info("method %s, backend %s, %s backbone\n%s", cfg.method, self.model.backend, self.quant,
                  self.parameter_report)
@@ -613,7 +623,7 @@ class M2PTRecipe:
                 values = fp32_master_values(self.optimizer, tuned)
             if self.rank == 0:
                 _remove(tmp)
-                save_output(self.model, tmp, values, tokenizer=self.tokenizer, processor_dir=self.cfg.model_name_or_path)
+                save_output(self.model, tmp, values, tokenizer=self.tokenizer, processor_dir=self.cfg.processor_dir)
                 _replace(tmp, path)
 
     def _write_failure(self, what: str, error: BaseException | None) -> str:

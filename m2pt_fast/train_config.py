@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from m2pt_fast import llava_original
 from m2pt_fast.methods import (
     DEFAULT_LEARNING_RATES,
     LORA_TARGETS,
@@ -34,6 +35,11 @@ EMBEDDED_LEARNING_RATE = 5e-3
 class TrainConfig:
     # --- model: a local LLaVA directory, or None for the embedded tiny LLaVA (random weights)
     model_name_or_path: str | None = None
+    # LLaVA's own layout / the paper's assembly (m2pt_fast/llava_original.py), LLaVA's option names
+    vision_tower: str | None = None
+    pretrain_mm_mlp_adapter: str | None = None
+    mm_vision_select_layer: int | None = None
+    mm_vision_select_feature: str | None = None
     # --- data: a LLaVA conversation JSON, or None for the embedded synthetic set
     data_path: str | None = None
     image_folder: str | None = None
@@ -130,12 +136,22 @@ class TrainConfig:
                 "save the model and its tokenizer and image processor there first, or leave it out for the "
                 "embedded tiny LLaVA"
             )
+        for name in ("vision_tower", "pretrain_mm_mlp_adapter"):
+            value = getattr(self, name)
+            if value and not (Path(value).is_dir() if name == "vision_tower" else Path(value).is_file()):
+                raise ValueError(f"--{name} {value} is not a local {'directory' if name == 'vision_tower' else 'file'}"
+                                 " (nothing is downloaded)")
+        if self.mm_vision_select_feature not in (None, "patch", "cls_patch"):
+            raise ValueError(f"--mm_vision_select_feature must be patch or cls_patch, got {self.mm_vision_select_feature!r}")
         if self.model_name_or_path:
-            for needed, why in (("config.json", "the model's config"),
-                                ("preprocessor_config.json", "the image processor the vision tower was trained with")):
-                if not (Path(self.model_name_or_path) / needed).is_file():
-                    raise ValueError(f"--model_name_or_path {self.model_name_or_path} has no {needed} ({why}): "
-                                     "save the model, tokenizer and processor there with save_pretrained")
+            if not (Path(self.model_name_or_path) / "config.json").is_file():
+                raise ValueError(f"--model_name_or_path {self.model_name_or_path} has no config.json (the model's "
+                                 "config): save the model, tokenizer and processor there with save_pretrained")
+            if not (Path(self.processor_dir) / "preprocessor_config.json").is_file():
+                raise ValueError(f"{self.processor_dir} has no preprocessor_config.json (the image processor the "
+                                 "vision tower was trained with): save it there with save_pretrained"
+                                 + ("" if self.llava_source == "original" else
+                                    " (or, for LLaVA's own layout, pass --vision_tower)"))
         if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
             raise ValueError(f"--output_dir {self.output_dir} is a file, not a directory: give a directory")
         if self.quant == "nf4" and self.tune_lm_head:
@@ -156,6 +172,34 @@ class TrainConfig:
     @property
     def embedded_model(self) -> bool:
         return self.model_name_or_path is None
+
+    @property
+    def llava_source(self) -> str | None:
+        """"original" for LLaVA's own layout or the paper's assembly, "transformers" for a transformers
+        LLaVA directory, None for the embedded model."""
+        if self.model_name_or_path is None:
+            return None
+        import json
+
+        path = Path(self.model_name_or_path) / "config.json"
+        config = json.loads(path.read_text()) if path.is_file() else {}
+        original = llava_original.is_original_layout(config) or llava_original.is_plain_llama(config)
+        return "original" if original or self.pretrain_mm_mlp_adapter else "transformers"
+
+    @property
+    def processor_dir(self) -> str | None:
+        """Where the image processor's config is: the model directory, or for LLaVA's own layout the
+        vision tower's (--vision_tower, or a config's mm_vision_tower naming a local directory)."""
+        if self.model_name_or_path is None:
+            return None
+        if (Path(self.model_name_or_path) / "preprocessor_config.json").is_file() or self.llava_source != "original":
+            return self.model_name_or_path
+        if self.vision_tower:
+            return self.vision_tower
+        import json
+
+        tower = json.loads((Path(self.model_name_or_path) / "config.json").read_text()).get("mm_vision_tower")
+        return tower if tower and Path(tower).is_dir() else self.model_name_or_path
 
     @property
     def lora_targets(self) -> tuple[str, ...]:
@@ -182,8 +226,12 @@ def _optional(kind):
 
 
 _HELP = {
-    "model_name_or_path": "a local LLaVA directory (weights, tokenizer, preprocessor_config.json); "
-                          "default: the embedded tiny LLaVA",
+    "model_name_or_path": "a local LLaVA directory (transformers' layout or LLaVA's own), or a LLaMA directory "
+                          "with --pretrain_mm_mlp_adapter; default: the embedded tiny LLaVA",
+    "vision_tower": "a local CLIP directory: the tower of a LLaVA-layout model or of the paper's assembly",
+    "pretrain_mm_mlp_adapter": "LLaVA's stage-1 projector (mm_projector.bin) to assemble a LLaVA from a LLaMA",
+    "mm_vision_select_layer": "the vision layer whose features the LLM sees (default: the config's, else -2)",
+    "mm_vision_select_feature": "patch (CLS dropped) or cls_patch (default: the config's, else patch)",
     "data_path": "LLaVA conversation JSON; default: the embedded synthetic set",
     "image_folder": "where the JSON's image paths point (default: the JSON's directory)",
     "quant": "the frozen backbone's format (default: bf16 on a GPU, fp32 on the CPU)",
