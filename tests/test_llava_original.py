@@ -161,3 +161,16 @@ def test_the_trainer_starts_from_the_paper_s_assembly(files, tmp_path):
     run = json.loads((out / "run_config.json").read_text())
     assert run["config"]["pretrain_mm_mlp_adapter"] == str(adapter)
     assert (out / "prompts.safetensors").is_file()
+
+
+def test_the_paper_s_recipe_names_the_assembly_with_trainer_options():
+    import dataclasses
+
+    import yaml
+
+    from m2pt_fast.train_config import TrainConfig
+
+    recipe = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "m2pt_llava_v1_7b.yaml").read_text())
+    assert set(recipe) <= {f.name for f in dataclasses.fields(TrainConfig)}
+    assert {"vision_tower", "pretrain_mm_mlp_adapter"} <= set(recipe)
+    assert recipe["mm_vision_select_layer"] == -2 and recipe["mm_vision_select_feature"] == "patch"
