@@ -203,7 +203,8 @@ def load_output(llava, path: str | os.PathLike, method: str | None = None, **pro
             meta = f.metadata() or {}
         model = apply_m2pt(llava, int(meta.get("num_vision_prompts", 0)), int(meta.get("num_text_prompts", 0)),
                            tune_projector=meta.get("tune_projector") == "true",
-                           tune_lm_head=meta.get("tune_lm_head") == "true", **prompt_counts)
+                           tune_lm_head=meta.get("tune_lm_head") == "true",
+                           official_vision_features=meta.get("official_vision_features") == "true", **prompt_counts)
         load_prompts(model, path)
         model.method = method
         return model

@@ -45,13 +45,16 @@ class M2PTConfig:
     num_text_prompts: int = 10
     tune_projector: bool = True
     tune_lm_head: bool = False
+    # The released M²PT code's vision feature selection instead of the method's (docs/method.md):
+    # for converted official prompts. Off by default.
+    official_vision_features: bool = False
 
     def __post_init__(self):
         for name in ("num_vision_prompts", "num_text_prompts"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer (0 disables those prompts), got {value!r}")
-        for name in ("tune_projector", "tune_lm_head"):
+        for name in ("tune_projector", "tune_lm_head", "official_vision_features"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
@@ -108,6 +111,15 @@ def feature_layer_indices(llava: LlavaForConditionalGeneration) -> list[int]:
         if not 0 <= index <= num_layers:
             raise ValueError(f"vision_feature_layer {layer} is outside a {num_layers}-layer vision tower")
     return indices
+
+
+def _official_feature_layer(llava: LlavaForConditionalGeneration, indices: list[int]) -> int:
+    """The one layer whose input the released code's feature selection reads (its prompts written in)."""
+    layers = llava.config.vision_config.num_hidden_layers
+    if len(indices) != 1 or not 0 <= indices[0] < layers:
+        raise ValueError(f"official_vision_features reads one vision layer's input with its prompts: it needs a "
+                         f"single vision_feature_layer before the last layer's output, got {indices}")
+    return indices[0]
 
 
 class PromptTuned:
@@ -189,6 +201,8 @@ class M2PTLlava(PromptTuned, nn.Module):
         vision_ref = vision.embeddings.patch_embedding.weight
         text_ref = text.embed_tokens.weight
         num_vision_layers = max(self.feature_layers)
+        if config.official_vision_features:
+            num_vision_layers = _official_feature_layer(llava, self.feature_layers) + 1  # its raw prompts are features
         self.vision_prompts = nn.Parameter(torch.empty(
             num_vision_layers, config.num_vision_prompts, llava.config.vision_config.hidden_size,
             dtype=vision_ref.dtype, device=vision_ref.device,
@@ -246,6 +260,8 @@ class M2PTLlava(PromptTuned, nn.Module):
         """How many image tokens one image expands to in input_ids."""
         # the tower's positions: CLS + patches for CLIP, patches alone for SigLIP; "default" drops the first
         tokens = clip_parts(self.llava.model.vision_tower).embeddings.num_positions
+        if self.m2pt_config.official_vision_features:
+            tokens += self.num_vision_prompts  # the raw prompt rows ride along (row 0 dropped by "default")
         return tokens - (1 if self.llava.config.vision_feature_select_strategy == "default" else 0)
 
     @property
@@ -265,6 +281,11 @@ class M2PTLlava(PromptTuned, nn.Module):
         states = vision_states(self, clip_parts(self.llava.model.vision_tower), pixel_values,
                                self.vision_prompts, max(self.feature_layers))
         start = 1 if self.llava.config.vision_feature_select_strategy == "default" else 0  # drop CLS
+        if self.m2pt_config.official_vision_features:
+            # the released code: layer k's input with its prompts written in, then row 0 dropped ("patch")
+            k = self.feature_layers[0]
+            raw = self.vision_prompts[k].unsqueeze(0).expand(states[k].shape[0], -1, -1).to(states[k].dtype)
+            return self.projector(torch.cat([raw, states[k]], dim=1)[:, start:])
         selected = torch.cat([states[k][:, start:] for k in self.feature_layers], dim=-1)
         return self.projector(selected)
 
@@ -361,8 +382,12 @@ def apply_m2pt(
     tune_projector: bool = True,
     tune_lm_head: bool = False,
     backend: str = "reference",
+    official_vision_features: bool = False,
 ) -> M2PTLlava:
     """Wrap a transformers LLaVA for M²PT: deep prompts in every vision and decoder layer, a trainable
-    projector, everything else frozen. The LLaVA's weights are shared with the returned model."""
-    config = M2PTConfig(num_vision_prompts, num_text_prompts, tune_projector, tune_lm_head)
+    projector, everything else frozen. The LLaVA's weights are shared with the returned model.
+
+    official_vision_features: select vision features as the released M²PT code does (for prompts
+    converted from its checkpoints; docs/method.md), not as the method describes."""
+    config = M2PTConfig(num_vision_prompts, num_text_prompts, tune_projector, tune_lm_head, official_vision_features)
     return M2PTLlava(model, config, backend=backend)

@@ -8,7 +8,8 @@ Layout (other tools read it; documented in the README):
 Every tensor is fp32, whatever the model's dtype: after bf16 training the trainer passes the
 optimizer's fp32 master values (m2pt_fast/master_weights.py), and a bf16 tensor widens to fp32 exactly.
 Metadata (strings): format="m2pt-prompts", format_version, the prompt counts, layer counts and
-widths, the vision feature layer(s) and selection strategy, and which groups were tuned.
+widths, the vision feature layer(s) and selection strategy, which groups were tuned, and
+official_vision_features (the released code's feature selection; absent in older files: false).
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def _settings(model) -> dict[str, str]:
         "vision_feature_select_strategy": str(config.vision_feature_select_strategy),
         "tune_projector": str(model.m2pt_config.tune_projector).lower(),
         "tune_lm_head": str(model.m2pt_config.tune_lm_head).lower(),
+        "official_vision_features": str(model.m2pt_config.official_vision_features).lower(),
     }
 
 
@@ -109,6 +111,11 @@ def load_prompts(model, path: str | os.PathLike) -> dict[str, str]:
     checked = ("num_vision_prompts", "num_text_prompts", "vision_prompt_layers", "text_prompt_layers",
                "vision_hidden_size", "text_hidden_size")
     problems = [f"{k}: file {metadata.get(k)}, model {expected[k]}" for k in checked if metadata.get(k) != expected[k]]
+    # files from before the setting existed hold the method's selection
+    official = metadata.get("official_vision_features", "false")
+    if official != expected["official_vision_features"]:
+        problems.append(f"official_vision_features: file {official}, model {expected['official_vision_features']} "
+                        "(apply_m2pt(..., official_vision_features=...) must match how the prompts were trained)")
     targets = {"vision_prompts": model.vision_prompts, "text_prompts": model.text_prompts}
     targets.update({f"projector.{k}": v for k, v in model.projector.state_dict(keep_vars=True).items()})
     targets.update({f"lm_head.{k}": v for k, v in model.llava.lm_head.state_dict(keep_vars=True).items()})
