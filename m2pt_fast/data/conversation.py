@@ -1,6 +1,13 @@
-"""The Vicuna v1 conversation template, as LLaVA trains with it, turned into input_ids and labels.
+"""LLaVA's conversation templates, as LLaVA trains with them, turned into input_ids and labels.
 
+  v1 (Vicuna v1, the paper's) and llava_v1 (the same with LLaVA's system prompt):
     "{system} USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>"
+  plain (projector-only pretraining data, one caption per image):
+    "<image>{caption}\\n"
+
+Token for token what LLaVA's preprocess_v1 / preprocess_plain give with its tokenizer_image_token:
+the text before the image ("{system} USER: ", its trailing space included: a LLaMA tokenizer makes
+it a token of its own) is tokenized apart from the text after it.
 
 The text around the image is tokenized in pieces (as LLaVA's tokenizer_image_token does) and the
 ids concatenated, so the label mask is exact by construction (LLaVA recovers it by re-tokenizing
@@ -21,6 +28,12 @@ SYSTEM_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
+LLAVA_SYSTEM_PROMPT = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+# --version: LLaVA's conv_templates names; the system prompt of each (None: the plain template)
+TEMPLATES = {"v1": SYSTEM_PROMPT, "llava_v1": LLAVA_SYSTEM_PROMPT, "plain": None}
 USER, ASSISTANT = "USER", "ASSISTANT"
 HUMAN_ROLES = ("human", "user")
 ASSISTANT_ROLES = ("gpt", "assistant")
@@ -45,9 +58,14 @@ class ConversationEncoder:
     image tokens or leave no answer token is a BadRecord.
     """
 
-    def __init__(self, tokenizer, image_token_id: int, image_seq_length: int, max_length: int):
-        if tokenizer.eos_token_id is None:
+    def __init__(self, tokenizer, image_token_id: int, image_seq_length: int, max_length: int,
+                 version: str = "v1"):
+        if version not in TEMPLATES:
+            raise ValueError(f"--version must be one of {sorted(TEMPLATES)} (LLaVA's templates), got {version!r}")
+        if tokenizer.eos_token_id is None and version != "plain":
             raise ValueError("the tokenizer has no eos_token: the Vicuna v1 template ends answers with </s>")
+        self.version = version
+        self.system = TEMPLATES[version]
         self.tokenizer = tokenizer
         self.image_token_id = image_token_id
         self.image_seq_length = image_seq_length
@@ -71,10 +89,20 @@ class ConversationEncoder:
         if self.tokenizer.bos_token_id is not None:
             ids.append(self.tokenizer.bos_token_id)
             labels.append(IGNORE_INDEX)
+        if self.version == "plain":
+            # LLaVA's preprocess_plain: the question is replaced by the image; the caption and the
+            # separator "\n" are supervised (no </s>)
+            if len(turns) != 1:
+                raise BadRecord(f"malformed: the plain template takes one caption per image, got {len(turns)} rounds")
+            caption = self._ids(turns[0][1] + "\n")
+            ids += [self.image_token_id] * self.image_seq_length + caption
+            labels += [IGNORE_INDEX] * self.image_seq_length + caption
+            return self._truncated(ids, labels)
         for i, (question, answer) in enumerate(turns):
             if i == 0:
                 question = question.replace(IMAGE_PLACEHOLDER, "").strip()
-                prompt = self._ids(f"{SYSTEM_PROMPT} {USER}:") + [self.image_token_id] * self.image_seq_length
+                # the space before the image stays: LLaVA tokenizes "{system} USER: " up to the image
+                prompt = self._ids(f"{self.system} {USER}: ") + [self.image_token_id] * self.image_seq_length
                 after_image, reply = self._round(f"\n{question} {ASSISTANT}:", answer)
                 prompt += after_image
             else:
@@ -82,7 +110,9 @@ class ConversationEncoder:
             reply = reply + [self.tokenizer.eos_token_id]
             ids += prompt + reply
             labels += [IGNORE_INDEX] * len(prompt) + reply
+        return self._truncated(ids, labels)
 
+    def _truncated(self, ids: list[int], labels: list[int]) -> EncodedConversation:
         if len(ids) > self.max_length:
             image_end = ids.index(self.image_token_id) + self.image_seq_length
             if image_end > self.max_length:
