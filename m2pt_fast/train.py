@@ -85,7 +85,7 @@ from m2pt_fast.data import (
     synthetic_texts,
     words_of,
 )
-from m2pt_fast.data.conversation import ASSISTANT, SYSTEM_PROMPT, USER
+from m2pt_fast.data.conversation import ASSISTANT, LLAVA_SYSTEM_PROMPT, SYSTEM_PROMPT, USER
 from m2pt_fast.ds_config import load_ds_config, offloads_optimizer, resolve_ds_config, zero_stage
 from m2pt_fast.master_weights import fp32_master_values
 from m2pt_fast.methods import OUTPUT_NAMES, apply_method, check_method, save_output
@@ -238,6 +238,8 @@ class M2PTRecipe:
 
         if cfg.embedded_model:
             texts = [*synthetic_texts(), SYSTEM_PROMPT, f"{USER}: {ASSISTANT}:"]
+            if cfg.version == "llava_v1":  # its system prompt's words, for the word-level tokenizer
+                texts.append(LLAVA_SYSTEM_PROMPT)
             if cfg.data_path:
                 texts += _texts_of_llava_json(cfg.data_path)
             self.tokenizer = build_word_tokenizer(words_of(texts))
@@ -285,9 +287,10 @@ class M2PTRecipe:
             self.model.gradient_checkpointing_enable()
         self.model.train()
         if cfg.embedded_model:
-            self.preprocess = ImagePreprocessor.clip_default(self.model.image_size)
+            self.preprocess = ImagePreprocessor.clip_default(self.model.image_size, cfg.aspect_ratio)
         else:
-            self.preprocess = ImagePreprocessor.from_model_dir(cfg.processor_dir, self.model.image_size)
+            self.preprocess = ImagePreprocessor.from_model_dir(cfg.processor_dir, self.model.image_size,
+                                                               cfg.aspect_ratio)
         self.parameter_report = trainable_report(self.model)
         log.info("method %s, backend %s, %s backbone\n%s", cfg.method, self.model.backend, self.quant,
                  self.parameter_report)
@@ -295,7 +298,8 @@ class M2PTRecipe:
     def _setup_data(self) -> None:
         cfg = self.cfg
         encoder = ConversationEncoder(
-            self.tokenizer, self.model.image_token_id, self.model.image_seq_length, cfg.model_max_length
+            self.tokenizer, self.model.image_token_id, self.model.image_seq_length, cfg.model_max_length,
+            version=cfg.version,
         )
         build = SampleBuilder(encoder, self.preprocess)
         self.skipped_at_start = 0

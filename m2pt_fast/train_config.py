@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from m2pt_fast import llava_original
+from m2pt_fast.data.conversation import TEMPLATES
+from m2pt_fast.data.image import ASPECT_RATIOS
 from m2pt_fast.methods import (
     DEFAULT_LEARNING_RATES,
     LORA_TARGETS,
@@ -45,6 +47,8 @@ class TrainConfig:
     image_folder: str | None = None
     num_synthetic_samples: int = 1024
     model_max_length: int = 2048
+    version: str = "v1"  # LLaVA's conversation template: v1 (Vicuna v1), llava_v1, plain
+    image_aspect_ratio: str | None = None  # crop or pad; None: the model config's (LLaVA's layout), else crop
     dataloader_num_workers: int = 2
     # --- method (m2pt_fast/methods.py): M²PT or one of the paper's baselines
     method: str = "m2pt"
@@ -141,6 +145,11 @@ class TrainConfig:
             if value and not (Path(value).is_dir() if name == "vision_tower" else Path(value).is_file()):
                 raise ValueError(f"--{name} {value} is not a local {'directory' if name == 'vision_tower' else 'file'}"
                                  " (nothing is downloaded)")
+        if self.version not in TEMPLATES:
+            raise ValueError(f"--version must be one of {sorted(TEMPLATES)} (LLaVA's conversation templates), "
+                             f"got {self.version!r}")
+        if self.image_aspect_ratio not in (None, *ASPECT_RATIOS):
+            raise ValueError(f"--image_aspect_ratio must be one of {ASPECT_RATIOS}, got {self.image_aspect_ratio!r}")
         if self.mm_vision_select_feature not in (None, "patch", "cls_patch"):
             raise ValueError(f"--mm_vision_select_feature must be patch or cls_patch, got {self.mm_vision_select_feature!r}")
         if self.model_name_or_path:
@@ -202,6 +211,20 @@ class TrainConfig:
         return tower if tower and Path(tower).is_dir() else self.model_name_or_path
 
     @property
+    def aspect_ratio(self) -> str:
+        """--image_aspect_ratio, else what a LLaVA-layout config says (LLaVA-1.5: pad), else crop."""
+        if self.image_aspect_ratio:
+            return self.image_aspect_ratio
+        if self.model_name_or_path:
+            import json
+
+            path = Path(self.model_name_or_path) / "config.json"
+            config = json.loads(path.read_text()) if path.is_file() else {}
+            if config.get("image_aspect_ratio") == "pad":
+                return "pad"
+        return "crop"
+
+    @property
     def lora_targets(self) -> tuple[str, ...]:
         return tuple(name.strip() for name in self.lora_target_modules.split(",") if name.strip())
 
@@ -232,6 +255,9 @@ _HELP = {
     "pretrain_mm_mlp_adapter": "LLaVA's stage-1 projector (mm_projector.bin) to assemble a LLaVA from a LLaMA",
     "mm_vision_select_layer": "the vision layer whose features the LLM sees (default: the config's, else -2)",
     "mm_vision_select_feature": "patch (CLS dropped) or cls_patch (default: the config's, else patch)",
+    "version": "LLaVA's conversation template: v1 (Vicuna v1, default), llava_v1, plain (captions)",
+    "image_aspect_ratio": "crop (resize and centre crop) or pad (LLaVA-1.5: pad to a square with the mean "
+                          "colour); default: the model config's, else crop",
     "data_path": "LLaVA conversation JSON; default: the embedded synthetic set",
     "image_folder": "where the JSON's image paths point (default: the JSON's directory)",
     "quant": "the frozen backbone's format (default: bf16 on a GPU, fp32 on the CPU)",

@@ -89,3 +89,54 @@ def test_the_plain_template_takes_one_caption(llama_like):
                         {"from": "human", "value": "b"}, {"from": "gpt", "value": "c"}])
     with pytest.raises(ValueError, match="--version must be one of"):
         ConversationEncoder(llama_like, 0, IMAGE_TOKENS, 512, version="v2")
+
+
+def test_pad_centres_the_image_on_the_mean_colour_as_expand2square_does():
+    from PIL import Image
+
+    from m2pt_fast.data.image import pad_to_square
+
+    mean = (0.5, 0.25, 0.75)
+    wide = Image.new("RGB", (3, 2), (255, 0, 0))  # odd difference: the extra row goes below
+    square = pad_to_square(wide, mean)
+    assert square.size == (3, 3)
+    assert [square.getpixel((x, y)) for y in range(3) for x in (0, 2)] == [(255, 0, 0)] * 4 + [(127, 63, 191)] * 2
+    tall = Image.new("RGB", (1, 4), (0, 255, 0))  # two columns on each side? (4-1)//2 = 1 left, 2 right
+    square = pad_to_square(tall, mean)
+    assert [square.getpixel((x, 0)) for x in range(4)] == [(127, 63, 191), (0, 255, 0), (127, 63, 191), (127, 63, 191)]
+    assert pad_to_square(Image.new("RGB", (2, 2)), mean).size == (2, 2)
+
+
+def test_pad_keeps_what_crop_cuts_away():
+    from PIL import Image
+
+    from m2pt_fast.data.image import ImagePreprocessor
+
+    image = Image.new("RGB", (56, 28), (0, 0, 255))
+    for x in range(4):  # a red stripe at the left edge: the centre crop removes it, pad keeps it
+        for y in range(28):
+            image.putpixel((x, y), (255, 0, 0))
+    crop, pad = (ImagePreprocessor.clip_default(28, aspect)(image) for aspect in ("crop", "pad"))
+    assert crop.shape == pad.shape == (3, 28, 28)
+    assert crop[0, 14, 0] < 0 < pad[0, 8, 1]  # red channel: blue in the crop's first column, red in pad's
+    assert abs(pad[0, 0, 14]) < 0.02  # the padding is the mean colour: about 0 once normalized
+    with pytest.raises(ValueError, match="--image_aspect_ratio must be one of"):
+        ImagePreprocessor.clip_default(28, "stretch")
+
+
+@pytest.mark.slow
+def test_the_trainer_takes_the_template_and_the_aspect_ratio(tmp_path):
+    import json
+
+    from launch import python_run
+
+    from m2pt_fast.data import write_llava_json
+
+    data_path, images = write_llava_json(tmp_path / "data", 8, seed=3)
+    python_run(tmp_path / "out", "--version", "llava_v1", "--image_aspect_ratio", "pad", "--data_path", data_path,
+               "--image_folder", images, "--max_steps", "2", "--per_device_train_batch_size", "4",
+               "--dataloader_num_workers", "0")
+    config = json.loads((tmp_path / "out" / "run_config.json").read_text())["config"]
+    assert (config["version"], config["image_aspect_ratio"]) == ("llava_v1", "pad")
+    result = python_run(tmp_path / "bad", "--version", "v2", expect=2)
+    assert "--version" in result.stderr

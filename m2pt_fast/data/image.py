@@ -25,6 +25,24 @@ def as_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+# "crop": the processor's resize and centre crop (LLaVA v1, the paper's); "pad": LLaVA-1.5's, the image
+# first padded to a square with the processor's mean colour, so nothing is cropped away
+ASPECT_RATIOS = ("crop", "pad")
+
+
+def pad_to_square(image: Image.Image, mean) -> Image.Image:
+    """LLaVA-1.5's expand2square: the image centred on a square of the mean colour (0-255 per channel,
+    int() of mean x 255), the longer side kept; the extra row or column of an odd difference goes
+    after it (bottom or right)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new(image.mode, (side, side), tuple(int(m * 255) for m in mean))
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
 class ImagePreprocessor:
     """PIL image -> (3, S, S) float32 pixel values, via a transformers image processor.
 
@@ -32,12 +50,15 @@ class ImagePreprocessor:
     so resize, crop and mean/std are the ones the vision tower was trained with.
     """
 
-    def __init__(self, processor, image_size: int):
+    def __init__(self, processor, image_size: int, aspect_ratio: str = "crop"):
+        if aspect_ratio not in ASPECT_RATIOS:
+            raise ValueError(f"--image_aspect_ratio must be one of {ASPECT_RATIOS}, got {aspect_ratio!r}")
         self.processor = processor
         self.image_size = image_size
+        self.aspect_ratio = aspect_ratio
 
     @classmethod
-    def clip_default(cls, image_size: int) -> "ImagePreprocessor":
+    def clip_default(cls, image_size: int, aspect_ratio: str = "crop") -> "ImagePreprocessor":
         from ..compat import CLIPImageProcessorPil  # the plain CLIPImageProcessor wants torchvision
 
         processor = CLIPImageProcessorPil(
@@ -46,10 +67,10 @@ class ImagePreprocessor:
             image_mean=list(CLIP_MEAN),
             image_std=list(CLIP_STD),
         )
-        return cls(processor, image_size)
+        return cls(processor, image_size, aspect_ratio)
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path, image_size: int) -> "ImagePreprocessor":
+    def from_model_dir(cls, model_dir: str | Path, image_size: int, aspect_ratio: str = "crop") -> "ImagePreprocessor":
         from ..compat import load_image_processor
 
         config = Path(model_dir) / "preprocessor_config.json"
@@ -58,10 +79,13 @@ class ImagePreprocessor:
                 f"{config} not found: the model directory must carry its image processor config "
                 "(save it with processor.save_pretrained(dir) next to the model)"
             )
-        return cls(load_image_processor(str(model_dir)), image_size)
+        return cls(load_image_processor(str(model_dir)), image_size, aspect_ratio)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        pixels = self.processor(images=as_rgb(image), return_tensors="pt").pixel_values[0]
+        image = as_rgb(image)
+        if self.aspect_ratio == "pad":
+            image = pad_to_square(image, self.processor.image_mean)
+        pixels = self.processor(images=image, return_tensors="pt").pixel_values[0]
         if pixels.shape != (3, self.image_size, self.image_size):
             raise ValueError(
                 f"the image processor gives {tuple(pixels.shape)} but the vision tower expects "
