@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from m2pt_fast.llava_original import _read, _weight_files
+from m2pt_fast.llava_original import read_tensors, weight_files
 from m2pt_fast.prompt_io import FORMAT, FORMAT_VERSION
 
 TEXT = re.compile(r"model\.prompts\.(\d+)$")
@@ -53,8 +53,8 @@ def convert(checkpoint: str | Path, out: str | Path) -> Path:
     if not checkpoint.is_dir():
         raise ConversionError(f"{checkpoint} is not a checkpoint directory")
     text, vision, projector, lm_head = {}, {}, {}, None
-    for shard in _weight_files(checkpoint):
-        for key, tensor in _read(shard).items():
+    for shard in weight_files(checkpoint):
+        for key, tensor in read_tensors(shard).items():
             if match := TEXT.match(key):
                 text[int(match.group(1))] = tensor
             elif match := VISION.match(key):

@@ -67,7 +67,7 @@ def is_plain_llama(config: dict) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ files
-def _weight_files(directory: Path) -> list[Path]:
+def weight_files(directory: Path) -> list[Path]:
     files = sorted(directory.glob("*.safetensors")) or sorted(
         p for p in directory.glob("*.bin") if p.name != "training_args.bin")
     if not files:
@@ -94,7 +94,7 @@ def _index_keys(directory: Path) -> set[str] | None:
     return None
 
 
-def _read(path: Path) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -130,8 +130,8 @@ def _tower_tensors(directory: Path) -> dict[str, torch.Tensor]:
     encoder.*, ...): a CLIPModel's vision_model.* (its text half dropped), or a CLIPVisionModel's,
     saved with the vision_model. prefix or (transformers 5.24) without."""
     found = {}
-    for path in _weight_files(directory):
-        for key, tensor in _read(path).items():
+    for path in weight_files(directory):
+        for key, tensor in read_tensors(path).items():
             key = key[len("vision_model."):] if key.startswith("vision_model.") else key
             if key.startswith(VISION_PARTS):
                 found[key] = tensor
@@ -192,6 +192,29 @@ def _text_config(config: dict, vocab_rows: int) -> LlamaConfig:
     return LlamaConfig(**keep)
 
 
+def _projector_source(path: Path, files: list[Path], adapter: Path | None):
+    """(projector tensor names -> shapes, the adapter file's tensors, where they come from): from the
+    adapter file (small, read whole) or the checkpoint's safetensors headers or index; an unindexed
+    .bin checkpoint is read to find them (its keys are only known once it is read). A shape of ()
+    means unknown until the weights stream in."""
+    if adapter is not None:
+        if not adapter.is_file():
+            raise LlavaSourceError(f"pretrain_mm_mlp_adapter {adapter} does not exist")
+        adapter_tensors = {k: v for k, v in read_tensors(adapter).items() if k.startswith("model.mm_projector.")}
+        if not adapter_tensors:
+            raise LlavaSourceError(f"{adapter} holds no model.mm_projector.* tensors (LLaVA's key names)")
+        return {k: tuple(v.shape) for k, v in adapter_tensors.items()}, adapter_tensors, str(adapter)
+    headers = [_keys_and_shapes(f) for f in files]
+    if all(h is not None for h in headers):
+        shapes = {k: s for h in headers for k, s in h.items()}
+    elif (index := _index_keys(path)) is not None:
+        shapes = {k: () for k in index}
+    else:
+        shapes = {k: tuple(v.shape) for f in files for k, v in read_tensors(f).items()
+                  if k.startswith("model.mm_projector.")}
+    return {k: s for k, s in shapes.items() if k.startswith("model.mm_projector.")}, {}, str(path)
+
+
 # -------------------------------------------------------------------------------------------- load
 def load_original(
     path: str | os.PathLike,
@@ -225,30 +248,9 @@ def load_original(
     if select_feature not in SELECT_FEATURES:
         raise LlavaSourceError(f"mm_vision_select_feature {select_feature!r} is not one of {sorted(SELECT_FEATURES)}")
 
-    files = _weight_files(path)
+    files = weight_files(path)
     adapter = Path(pretrain_mm_mlp_adapter) if pretrain_mm_mlp_adapter is not None else None
-    if adapter is not None and not adapter.is_file():
-        raise LlavaSourceError(f"pretrain_mm_mlp_adapter {adapter} does not exist")
-    # the projector: its type and shape, from the adapter file or the checkpoint's headers / index
-    if adapter is not None:
-        adapter_tensors = {k: v for k, v in _read(adapter).items() if k.startswith("model.mm_projector.")}
-        if not adapter_tensors:
-            raise LlavaSourceError(f"{adapter} holds no model.mm_projector.* tensors (LLaVA's key names)")
-        projector_shapes = {k: tuple(v.shape) for k, v in adapter_tensors.items()}
-        where = str(adapter)
-    else:
-        adapter_tensors = {}
-        headers = [_keys_and_shapes(f) for f in files]
-        if all(h is not None for h in headers):
-            projector_shapes = {k: s for h in headers for k, s in h.items()}
-        else:
-            projector_shapes = {k: () for k in (_index_keys(path) or ())}
-        projector_shapes = {k: s for k, s in projector_shapes.items() if k.startswith("model.mm_projector.")}
-        where = str(path)
-        if not projector_shapes and _index_keys(path) is None and not all(h is not None for h in headers):
-            # an unindexed .bin checkpoint: its keys are only known once it is read
-            projector_shapes = {k: tuple(v.shape) for f in files for k, v in _read(f).items()
-                                if k.startswith("model.mm_projector.")}
+    projector_shapes, adapter_tensors, where = _projector_source(path, files, adapter)
     kind = _projector_type(projector_shapes, config.get("mm_projector_type"))
     text_width = config["hidden_size"]
     _check_projector({k: s for k, s in projector_shapes.items() if s}, kind, vision.hidden_size, text_width, where)
@@ -287,7 +289,7 @@ def load_original(
         filled.add(name)
 
     for file in files:
-        for key, tensor in _read(file).items():
+        for key, tensor in read_tensors(file).items():
             name = _decoder_name(key)
             if name is None and key.startswith("model.mm_projector.") and adapter is None:
                 name = _projector_name(key, kind)
