@@ -123,9 +123,6 @@ def apply_method(llava, method: str, *, num_vision_prompts: int = 0, num_text_pr
                        tune_lm_head=tune_lm_head, backend=backend)
     model.method = method
     model.peft_model = None
-    for prompts in (model.vision_prompts, model.text_prompts):
-        if prompts.numel() == 0:  # a side without prompts: nothing there for an optimizer
-            prompts.requires_grad_(False)
     if method == "full":
         model.language_model.requires_grad_(True)
         model.llava.lm_head.requires_grad_(True)

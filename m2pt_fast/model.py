@@ -203,11 +203,11 @@ class M2PTLlava(PromptTuned, nn.Module):
         num_vision_layers = max(self.feature_layers)
         if config.official_vision_features:
             num_vision_layers = _official_feature_layer(llava, self.feature_layers) + 1  # its raw prompts are features
-        self.vision_prompts = nn.Parameter(torch.empty(
+        self._add_prompts("vision_prompts", torch.empty(
             num_vision_layers, config.num_vision_prompts, llava.config.vision_config.hidden_size,
             dtype=vision_ref.dtype, device=vision_ref.device,
         ))
-        self.text_prompts = nn.Parameter(torch.empty(
+        self._add_prompts("text_prompts", torch.empty(
             llava.config.text_config.num_hidden_layers, config.num_text_prompts, llava.config.text_config.hidden_size,
             dtype=text_ref.dtype, device=text_ref.device,
         ))
@@ -216,6 +216,14 @@ class M2PTLlava(PromptTuned, nn.Module):
         self._set_trainable()
 
     # ----------------------------------------------------------------------------------------- setup
+    def _add_prompts(self, name: str, prompts: torch.Tensor) -> None:
+        """A side's prompts: a Parameter, or, with 0 prompts, an empty buffer (nothing to train, and
+        ZeRO-3 cannot partition a parameter of 0 elements)."""
+        if prompts.shape[1] == 0:
+            self.register_buffer(name, prompts, persistent=False)
+        else:
+            setattr(self, name, nn.Parameter(prompts))
+
     def _set_trainable(self) -> None:
         """The one place that decides what M²PT trains."""
         config = self.m2pt_config
