@@ -45,16 +45,9 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from torch.utils.data import DataLoader
 
-from m2pt_fast import (
-    build_llava,
-    llava_config,
-    load_llava,
-    load_quantized,
-    quantize_model,
-    trainable_report,
-)
-from m2pt_fast import compat, llava_original
+from m2pt_fast import compat, trainable_report
 from m2pt_fast import model as m2pt_model
+from m2pt_fast.base_model import load_base
 from m2pt_fast.checkpointing import (
     STATE_TAG,
     OutputDirLock,
@@ -71,21 +64,16 @@ from m2pt_fast.checkpointing import (
     truncate_metrics,
 )
 from m2pt_fast.data import (
-    IMAGE,
     ConversationEncoder,
     EpochShardSampler,
     ImagePreprocessor,
     LlavaJsonDataset,
     SampleBuilder,
     SyntheticInstructDataset,
-    build_word_tokenizer,
     check_images_decode,
     load_llava_records,
     make_collate,
-    synthetic_texts,
-    words_of,
 )
-from m2pt_fast.data.conversation import ASSISTANT, LLAVA_SYSTEM_PROMPT, SYSTEM_PROMPT, USER
 from m2pt_fast.ds_config import load_ds_config, offloads_optimizer, resolve_ds_config, zero_stage
 from m2pt_fast.master_weights import fp32_master_values
 from m2pt_fast.methods import OUTPUT_NAMES, apply_method, check_method, save_output
@@ -93,13 +81,6 @@ from m2pt_fast.runner_watch import watch_runner
 from m2pt_fast.train_config import TrainConfig, parse_args, to_dict
 
 log = logging.getLogger("m2pt_fast.train")
-
-EMBEDDED_SHAPE = "tiny"
-# Weight init of the embedded model's text side. With LLaMA's 0.02, a random frozen lm_head caps every
-# logit near +-1.3, so no prompt can lower the loss much; 0.1 stands in for a trained model's larger
-# weights and lets the demo's loss fall visibly (about 4.8 -> 2.5 in its first 100 steps).
-EMBEDDED_TEXT_INIT = 0.1
-
 
 def lr_multiplier(step: int, warmup_steps: int, total_steps: int, kind: str) -> float:
     """The factor on --learning_rate for optimizer step `step` (0-based), as transformers defines them."""
@@ -125,21 +106,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _texts_of_llava_json(path: str) -> list[str]:
-    """Every conversation string of a LLaVA JSON file (malformed entries are left to the data loader)."""
-    try:
-        entries = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):  # load_llava_records says what is wrong
-        return []
-    texts = []
-    for entry in entries if isinstance(entries, list) else []:
-        turns = entry.get("conversations") if isinstance(entry, dict) else None
-        for turn in turns if isinstance(turns, list) else []:
-            if isinstance(turn, dict) and isinstance(turn.get("value"), str):
-                texts.append(turn["value"])
-    return texts
 
 
 class NonFiniteLoss(RuntimeError):
@@ -232,45 +198,8 @@ class M2PTRecipe:
         """The frozen LLaVA this run starts from, built or loaded as the options say (sets self.tokenizer).
 
         Deterministic: calling it again gives the same weights (what an output is loaded back onto)."""
-        cfg = self.cfg
-        # the dtype of everything that stays dense (and of the NF4 weights once dequantized)
-        dtype = torch.bfloat16 if self.bf16 or self.quant == "bf16" else torch.float32
-
-        if cfg.embedded_model:
-            texts = [*synthetic_texts(), SYSTEM_PROMPT, f"{USER}: {ASSISTANT}:"]
-            if cfg.version == "llava_v1":  # its system prompt's words, for the word-level tokenizer
-                texts.append(LLAVA_SYSTEM_PROMPT)
-            if cfg.data_path:
-                texts += _texts_of_llava_json(cfg.data_path)
-            self.tokenizer = build_word_tokenizer(words_of(texts))
-            shape = llava_config(EMBEDDED_SHAPE)
-            shape.text_config.initializer_range = EMBEDDED_TEXT_INIT
-            llava = build_llava(
-                shape, device=self.device, dtype=dtype, seed=cfg.seed, vocab_size=len(self.tokenizer),
-                image_token_id=self.tokenizer.convert_tokens_to_ids(IMAGE), pad_token_id=self.tokenizer.pad_token_id,
-            )
-            if self.quant == "nf4":
-                quantize_model(llava)
-            return llava
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, local_files_only=True)
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.unk_token  # LLaVA's choice for LLaMA tokenizers
-        if cfg.llava_source == "original":
-            # LLaVA's own layout or the paper's assembly (m2pt_fast/llava_original.py)
-            llava = load_llava(cfg.model_name_or_path, vision_tower=cfg.vision_tower,
-                               pretrain_mm_mlp_adapter=cfg.pretrain_mm_mlp_adapter,
-                               mm_vision_select_layer=cfg.mm_vision_select_layer,
-                               mm_vision_select_feature=cfg.mm_vision_select_feature, device=self.device, dtype=dtype)
-            llava_original.add_image_token(self.tokenizer, llava)
-            if self.quant == "nf4":
-                quantize_model(llava)
-            return llava
-        if self.quant == "nf4":
-            # an NF4 directory (ours or bitsandbytes') loads as is; a float one is quantized as it streams in
-            return load_quantized(cfg.model_name_or_path, dtype=dtype).to(self.device)
-        return load_llava(cfg.model_name_or_path, device=self.device, dtype=dtype)
+        llava, self.tokenizer = load_base(self.cfg, self.device, self.bf16, self.quant)
+        return llava
 
     def _setup_model(self) -> None:
         cfg = self.cfg
