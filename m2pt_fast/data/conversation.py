@@ -112,6 +112,16 @@ class ConversationEncoder:
             labels += [IGNORE_INDEX] * len(prompt) + reply
         return self._truncated(ids, labels)
 
+    def encode_prompt(self, question: str) -> list[int]:
+        """The ids a model answers from, as LLaVA's inference builds them: the first round up to and
+        including "ASSISTANT:" (the image at the front of the question), or for plain the image alone."""
+        ids = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
+        image = [self.image_token_id] * self.image_seq_length
+        if self.version == "plain":
+            return ids + image
+        question = question.replace(IMAGE_PLACEHOLDER, "").strip()
+        return ids + self._ids(f"{self.system} {USER}: ") + image + self._ids(f"\n{question} {ASSISTANT}:")
+
     def _truncated(self, ids: list[int], labels: list[int]) -> EncodedConversation:
         if len(ids) > self.max_length:
             image_end = ids.index(self.image_token_id) + self.image_seq_length

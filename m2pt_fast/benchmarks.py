@@ -1,0 +1,145 @@
+"""The zero-shot benchmarks as users download them, read into one question list.
+
+  mme        the MME release: one folder per subtask (14), each with its images and, per image, a
+             .txt of two "question<TAB>Yes|No" lines, either side by side or as images/ beside
+             questions_answers_YN/
+  pope       coco_pope_{adversarial,popular,random}.json (JSON lines despite the name: question_id,
+             image, text, label) and the COCO val2014 images (--image_folder, default <data_dir>/val2014)
+  <task>     an M²PT held-out task file <data_dir>/<task>.jsonl (unique_id, image_path, prompt,
+             target): cifar_10, cifar_100, mnist, snli_ve_classification, visual_spatial_reasoning,
+             text_vqa, pope_adv, pope_pop, pope_rand
+A malformed record or a missing image costs that question only: it is skipped and counted
+(`LoadReport`); a missing file or folder is an error naming it.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from m2pt_fast.evaluation import MME_COGNITION, MME_PERCEPTION, POPE_SPLITS
+
+M2PT_TASKS = ("cifar_10", "cifar_100", "mnist", "snli_ve_classification", "visual_spatial_reasoning", "text_vqa",
+              "pope_adv", "pope_pop", "pope_rand")
+BENCHMARKS = ("mme", "pope", *M2PT_TASKS)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# LLaVA-1.5's instruction for short answers, appended where its question files append it (POPE)
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+
+
+@dataclass
+class Question:
+    benchmark: str
+    question_id: str
+    image: Path
+    text: str  # what the model is asked, instructions included
+    target: Any  # "Yes"/"No" (MME), "yes"/"no" (POPE), the task's target
+    extra: dict = field(default_factory=dict)  # category (MME subtask, POPE split), the raw question
+
+
+@dataclass
+class LoadReport:
+    skipped: Counter = field(default_factory=Counter)
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] += 1
+
+
+def _images_in(folder: Path) -> dict[str, Path]:
+    return {p.stem: p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES} if folder.is_dir() else {}
+
+
+def load_mme(root: Path, report: LoadReport) -> list[Question]:
+    if not root.is_dir():
+        raise FileNotFoundError(f"MME: {root} is not a directory (the release's folder of 14 subtasks)")
+    questions = []
+    found = [c for c in MME_PERCEPTION + MME_COGNITION if (root / c).is_dir()]
+    if not found:
+        raise FileNotFoundError(f"MME: {root} holds none of the 14 subtask folders ({', '.join(MME_PERCEPTION)}, ...)")
+    for category in found:
+        folder = root / category
+        texts_dir = folder / "questions_answers_YN" if (folder / "questions_answers_YN").is_dir() else folder
+        images = _images_in(folder / "images") or _images_in(folder)
+        for text_file in sorted(texts_dir.glob("*.txt")):
+            image = images.get(text_file.stem)
+            if image is None:
+                report.skip("MME: no image for its questions")
+                continue
+            for k, line in enumerate(text_file.read_text(encoding="utf-8").splitlines()):
+                if not line.strip():
+                    continue
+                question, sep, answer = line.rpartition("\t")
+                if not sep or answer.strip() not in ("Yes", "No"):
+                    report.skip("MME: a line that is not question<TAB>Yes|No")
+                    continue
+                questions.append(Question("mme", f"{category}/{text_file.stem}/{k}", image, question.strip(),
+                                          answer.strip(), {"category": category, "question": question.strip()}))
+    return questions
+
+
+def _json_lines(path: Path, report: LoadReport, what: str) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: {path} does not exist")
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            report.skip(f"{what}: a line that is not JSON")
+            continue
+        rows.append(row) if isinstance(row, dict) else report.skip(f"{what}: a line that is not an object")
+    return rows
+
+
+def load_pope(data_dir: Path, image_folder: Path, report: LoadReport) -> list[Question]:
+    questions = []
+    for split in POPE_SPLITS:
+        for row in _json_lines(data_dir / f"coco_pope_{split}.json", report, "POPE"):
+            try:
+                image, text, label = image_folder / row["image"], row["text"], row["label"].strip().lower()
+                question_id = str(row["question_id"])
+            except (KeyError, AttributeError, TypeError):
+                report.skip("POPE: a record without question_id, image, text and label")
+                continue
+            if label not in ("yes", "no"):
+                report.skip("POPE: a label that is not yes or no")
+            elif not image.is_file():
+                report.skip("POPE: a missing image")
+            else:
+                questions.append(Question(f"pope_{split}", question_id, image, f"{text}\n{SHORT_ANSWER}", label,
+                                          {"category": split, "question": text}))
+    return questions
+
+
+def load_task(data_dir: Path, task: str, report: LoadReport) -> list[Question]:
+    questions = []
+    for row in _json_lines(data_dir / f"{task}.jsonl", report, task):
+        try:
+            image, prompt, target, uid = row["image_path"], row["prompt"], row["target"], str(row["unique_id"])
+        except KeyError:
+            report.skip(f"{task}: a record without unique_id, image_path, prompt and target")
+            continue
+        path = Path(image) if Path(image).is_absolute() else data_dir / image
+        if not path.is_file():
+            report.skip(f"{task}: a missing image")
+            continue
+        questions.append(Question(task, uid, path, str(prompt), target, {"question": str(prompt)}))
+    return questions
+
+
+def load_benchmark(name: str, data_dir: str | Path, image_folder: str | Path | None = None,
+                   report: LoadReport | None = None) -> list[Question]:
+    """The questions of benchmark `name` (BENCHMARKS) under `data_dir`."""
+    report = report if report is not None else LoadReport()
+    data_dir = Path(data_dir)
+    if name == "mme":
+        return load_mme(data_dir, report)
+    if name == "pope":
+        return load_pope(data_dir, Path(image_folder) if image_folder else data_dir / "val2014", report)
+    if name in M2PT_TASKS:
+        return load_task(data_dir, name, report)
+    raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")

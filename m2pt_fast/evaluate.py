@@ -1,0 +1,228 @@
+"""Zero-shot evaluation, as LLaVA's scripts run it: `python -m m2pt_fast.evaluate`.
+
+    python -m m2pt_fast.evaluate --run_dir outputs/m2pt --benchmark mme pope --data_dir data/eval
+    python -m m2pt_fast.evaluate --model_name_or_path /models/llava-1.5-7b-hf --benchmark mnist ...
+
+--run_dir is a training run's output directory: its run_config.json says how the base model was
+built or loaded, and its output (prompt file, PEFT adapter, model directory) is what is evaluated;
+--prompts names another output; with neither, the base model itself is evaluated. Answers come from
+greedy decoding of the model's conversation template (--conv_mode), images preprocessed as it was
+trained, questions batched with left padding (each layer's prompt K/V computed once per batch).
+Written to --output_dir: predictions.jsonl (one line per question: question_id, prompt, text, target,
+benchmark), scores.json (scores per benchmark, MMAvg, the model, the output, the commit and settings)
+and scores.md (a table). Scoring: m2pt_fast.evaluation.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from m2pt_fast.base_model import load_base
+from m2pt_fast.benchmarks import BENCHMARKS, LoadReport, Question, load_benchmark
+from m2pt_fast.data import ConversationEncoder, ImagePreprocessor
+from m2pt_fast.data.conversation import TEMPLATES
+from m2pt_fast.evaluation import choice_correct, mm_avg, mme_scores, pope_scores, vqa_accuracy
+from m2pt_fast.methods import OUTPUT_NAMES, apply_method, load_output
+from m2pt_fast.train_config import TrainConfig
+
+log = logging.getLogger("m2pt_fast.evaluate")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m m2pt_fast.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--run_dir", help="a training run's output directory (its model and its trained output)")
+    p.add_argument("--model_name_or_path", help="the base model, as the trainer takes it (default: the run's, "
+                                                "else the embedded tiny LLaVA)")
+    p.add_argument("--vision_tower")
+    p.add_argument("--pretrain_mm_mlp_adapter")
+    p.add_argument("--prompts", help="a trained output to evaluate: a prompt file, PEFT adapter or model directory")
+    p.add_argument("--benchmark", nargs="+", required=True, choices=BENCHMARKS)
+    p.add_argument("--data_dir", required=True, help="where the benchmarks' files are (docs/evaluation.md)")
+    p.add_argument("--image_folder", help="POPE's COCO val2014 images (default: <data_dir>/val2014)")
+    p.add_argument("--output_dir", default="outputs/eval")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--max_new_tokens", type=int, default=128, help="LLaVA-1.5's default")
+    p.add_argument("--conv_mode", choices=sorted(TEMPLATES), help="default: the run's --version, else v1")
+    p.add_argument("--limit", type=int, help="the first N questions of each benchmark (a quick look)")
+    return p
+
+
+def _config(args) -> tuple[TrainConfig, dict]:
+    """The TrainConfig that builds the base model (the run's, with the command line's overrides)."""
+    run = {}
+    values = {}
+    if args.run_dir:
+        path = Path(args.run_dir) / "run_config.json"
+        if not path.is_file():
+            raise ValueError(f"--run_dir {args.run_dir} has no run_config.json: not a training run's output directory")
+        run = json.loads(path.read_text())
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        values = {k: v for k, v in run["config"].items() if k in known}
+        values["output_dir"] = args.run_dir
+        if values.get("data_path") and not Path(values["data_path"]).is_file():
+            raise ValueError(f"the run trained on --data_path {values['data_path']}, which is gone: the embedded "
+                             "model's vocabulary (so its weights) is built from it")
+    for name in ("model_name_or_path", "vision_tower", "pretrain_mm_mlp_adapter"):
+        if getattr(args, name):
+            values[name] = getattr(args, name)
+    if args.conv_mode:
+        values["version"] = args.conv_mode
+    values["resume"] = False
+    return TrainConfig(**values), run
+
+
+def load_model(args, device: torch.device):
+    """(model, tokenizer, encoder, preprocess, what was evaluated) for the arguments."""
+    cfg, run = _config(args)
+    quant = run.get("quant") or ("bf16" if device.type == "cuda" else "fp32")
+    llava, tokenizer = load_base(cfg, device, device.type == "cuda", quant)
+    output = Path(args.prompts) if args.prompts else (
+        Path(args.run_dir) / OUTPUT_NAMES[run.get("method", "m2pt")] if args.run_dir else None)
+    if output is not None:
+        if not output.exists():
+            raise ValueError(f"{output} does not exist: the trained output to evaluate (--prompts or the run's)")
+        model = load_output(llava, output, run.get("method"))
+    else:
+        model = apply_method(llava, "m2pt", num_vision_prompts=0, num_text_prompts=0)  # the base model as it is
+    model.to(device).eval()
+    if cfg.embedded_model:
+        preprocess = ImagePreprocessor.clip_default(model.image_size, cfg.aspect_ratio)
+    else:
+        preprocess = ImagePreprocessor.from_model_dir(cfg.processor_dir, model.image_size, cfg.aspect_ratio)
+    encoder = ConversationEncoder(tokenizer, model.image_token_id, model.image_seq_length, 1 << 30, version=cfg.version)
+    return model, tokenizer, encoder, preprocess, {"model": cfg.model_name_or_path or "embedded", "output": str(output)
+                                                   if output else None, "method": run.get("method")}
+
+
+@torch.no_grad()
+def answer(model, tokenizer, encoder, preprocess, questions: list[Question], batch_size: int, max_new_tokens: int,
+           device: torch.device, progress: bool = True) -> list[str]:
+    """Greedy answers to `questions`, `batch_size` at a time (left-padded)."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    answers: list[str] = []
+    bar = tqdm(total=len(questions), desc="evaluate", unit="q", disable=not progress, dynamic_ncols=True)
+    started = time.perf_counter()
+    for start in range(0, len(questions), batch_size):
+        batch = questions[start:start + batch_size]
+        prompts = [encoder.encode_prompt(q.text) for q in batch]
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        pixels = []
+        for q in batch:
+            with Image.open(q.image) as image:
+                pixels.append(preprocess(image))
+        pixel_values = torch.stack(pixels).to(device, next(model.parameters()).dtype)
+        out = model.generate(ids, pixel_values, max_new_tokens, attention_mask=mask, pad_token_id=pad,
+                             eos_token_id=tokenizer.eos_token_id)
+        answers += [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+        bar.update(len(batch))
+        bar.set_postfix(q_s=f"{len(answers) / max(time.perf_counter() - started, 1e-9):.1f}", refresh=False)
+    bar.close()
+    return answers
+
+
+def score(benchmark: str, questions: list[Question], predictions: list[str]) -> dict:
+    """The benchmark's scores (m2pt_fast.evaluation), with "accuracy" as the headline where it has one."""
+    if benchmark == "mme":
+        rows = [{"category": q.extra["category"], "image": str(q.image), "question": q.text, "answer": q.target,
+                 "prediction": p} for q, p in zip(questions, predictions)]
+        return mme_scores(rows)
+    if benchmark.startswith("pope_") and benchmark[5:] in ("adversarial", "popular", "random"):
+        rows = [{"category": q.extra["category"], "label": q.target, "prediction": p}
+                for q, p in zip(questions, predictions)]
+        return pope_scores(rows)[benchmark[5:]]
+    right = [vqa_accuracy(p, q.target) if isinstance(q.target, list) else float(choice_correct(p, str(q.target)))
+             for q, p in zip(questions, predictions)]
+    return {"accuracy": sum(right) / len(right) if right else 0.0, "questions": len(right)}
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _table(scores: dict) -> str:
+    rows = ["| benchmark | score |", "|---|---|"]
+    for name, value in scores["benchmarks"].items():
+        if name == "mme":
+            rows.append(f"| MME perception / cognition | {value['perception']:.1f} / {value['cognition']:.1f} |")
+        elif "f1" in value:
+            rows.append(f"| {name} (accuracy / F1) | {100 * value['accuracy']:.2f} / {100 * value['f1']:.2f} |")
+        else:
+            rows.append(f"| {name} (accuracy) | {100 * value['accuracy']:.2f} |")
+    if scores.get("mm_avg") is not None:
+        rows.append(f"| MMAvg | {100 * scores['mm_avg']:.2f} |")
+    return "\n".join(rows) + "\n"
+
+
+def evaluate(args) -> dict:
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        raise ValueError("--batch_size and --max_new_tokens must be at least 1")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer, encoder, preprocess, source = load_model(args, device)
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    benchmarks, lines = {}, []
+    for name in args.benchmark:
+        report = LoadReport()
+        questions = load_benchmark(name, args.data_dir, args.image_folder, report)
+        if report.skipped:
+            log.warning("%s: skipped %d question(s): %s", name, sum(report.skipped.values()), dict(report.skipped))
+        groups: dict[str, list[Question]] = {}
+        for q in questions:
+            groups.setdefault(q.benchmark, []).append(q)
+        for bench, group in groups.items():
+            group = group[:args.limit] if args.limit else group
+            predictions = answer(model, tokenizer, encoder, preprocess, group, args.batch_size, args.max_new_tokens,
+                                 device)
+            benchmarks[bench] = score(bench, group, predictions)
+            lines += [json.dumps({"question_id": q.question_id, "prompt": q.text, "text": p, "target": q.target,
+                                  "benchmark": bench, **{k: v for k, v in q.extra.items() if k != "question"}})
+                      for q, p in zip(group, predictions)]
+    held_out = {name: value["accuracy"] for name, value in benchmarks.items() if name != "mme"}
+    pope = [held_out.pop(f"pope_{s}") for s in ("adversarial", "popular", "random") if f"pope_{s}" in held_out]
+    if pope:
+        held_out["pope"] = sum(pope) / len(pope)
+    try:
+        average = mm_avg(held_out)
+    except ValueError:
+        average = None
+    scores = {**source, "commit": _commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "settings": {"batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
+                           "conv_mode": encoder.version, "data_dir": str(args.data_dir)},
+              "benchmarks": benchmarks, "mm_avg": average}
+    (out_dir / "predictions.jsonl").write_text("".join(line + "\n" for line in lines))
+    (out_dir / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+    (out_dir / "scores.md").write_text(_table(scores))
+    return scores
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = _parser().parse_args(argv)
+    try:
+        scores = evaluate(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"evaluate: error: {e}", file=sys.stderr)
+        return 2
+    print(_table(scores), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

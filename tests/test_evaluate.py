@@ -1,0 +1,105 @@
+"""python -m m2pt_fast.evaluate end to end on the embedded model, with benchmark files the tests
+write in their official layouts (MME's two folder layouts, POPE's JSON lines, an M²PT task file):
+batched answers equal unbatched ones, the files people read are written, a trained run's prompts
+are what gets evaluated, and bad inputs are named."""
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from m2pt_fast.benchmarks import LoadReport, load_benchmark
+from m2pt_fast.evaluate import main
+
+
+def _image(path: Path, colour) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (40, 30), colour).save(path)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    # MME: "existence" with images/ beside questions_answers_YN/, "count" side by side
+    for name, colour in (("a", (255, 0, 0)), ("b", (0, 0, 255))):
+        _image(root / "mme" / "existence" / "images" / f"{name}.jpg", colour)
+        (root / "mme" / "existence" / "questions_answers_YN").mkdir(parents=True, exist_ok=True)
+        (root / "mme" / "existence" / "questions_answers_YN" / f"{name}.txt").write_text(
+            "Is there a red square in the image? Please answer yes or no.\tYes\n"
+            "Is there a circle in the image? Please answer yes or no.\tNo\n")
+        _image(root / "mme" / "count" / f"{name}.png", colour)
+        (root / "mme" / "count" / f"{name}.txt").write_text("Are there two shapes? Please answer yes or no.\tNo\n"
+                                                             "Is there one shape? Please answer yes or no.\tYes\n")
+    (root / "mme" / "count" / "orphan.txt").write_text("Is it? Please answer yes or no.\tYes\n")  # no image
+    # POPE
+    for k, split in enumerate(("adversarial", "popular", "random")):
+        lines = [{"question_id": i, "image": f"COCO_val2014_{i:012d}.jpg", "text": "Is there a square in the image?",
+                  "label": "yes" if i % 2 else "no"} for i in range(3)]
+        (root / "pope").mkdir(exist_ok=True)
+        (root / "pope" / f"coco_pope_{split}.json").write_text("".join(json.dumps(x) + "\n" for x in lines) + "{bad\n")
+    for i in range(3):
+        _image(root / "pope" / "val2014" / f"COCO_val2014_{i:012d}.jpg", (0, 255 * (i % 2), 0))
+    # an M²PT held-out task file
+    (root / "tasks").mkdir()
+    rows = [{"unique_id": f"m{i}", "image_path": f"img/{i}.png", "prompt": "What digit is shown?", "target": str(i)}
+            for i in range(4)]
+    rows.append({"unique_id": "gone", "image_path": "img/missing.png", "prompt": "?", "target": "0"})
+    (root / "tasks" / "mnist.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for i in range(4):
+        _image(root / "tasks" / "img" / f"{i}.png", (20 * i, 20 * i, 20 * i))
+    return root
+
+
+def test_loaders_read_the_official_layouts_and_count_what_they_skip(data):
+    report = LoadReport()
+    mme = load_benchmark("mme", data / "mme", report=report)
+    assert len(mme) == 8 and {q.extra["category"] for q in mme} == {"existence", "count"}
+    assert {q.target for q in mme} == {"Yes", "No"} and report.skipped["MME: no image for its questions"] == 1
+    pope = load_benchmark("pope", data / "pope", report=report)
+    assert len(pope) == 9 and report.skipped["POPE: a line that is not JSON"] == 3
+    assert pope[0].text.endswith("\nAnswer the question using a single word or phrase.")
+    mnist = load_benchmark("mnist", data / "tasks", report=report)
+    assert [q.question_id for q in mnist] == ["m0", "m1", "m2", "m3"] and report.skipped["mnist: a missing image"] == 1
+    with pytest.raises(FileNotFoundError, match="coco_pope_adversarial.json does not exist"):
+        load_benchmark("pope", data / "tasks")
+
+
+def _evaluate(out, *args):
+    assert main([*args, "--output_dir", str(out), "--max_new_tokens", "4"]) == 0
+    return [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()], \
+        json.loads((out / "scores.json").read_text())
+
+
+@pytest.mark.slow
+def test_batched_answers_equal_unbatched_and_the_results_are_written(data, tmp_path):
+    one, scores = _evaluate(tmp_path / "b1", "--benchmark", "mme", "--data_dir", str(data / "mme"), "--batch_size", "1")
+    many, _ = _evaluate(tmp_path / "b3", "--benchmark", "mme", "--data_dir", str(data / "mme"), "--batch_size", "3")
+    assert [r["text"] for r in one] == [r["text"] for r in many] and len(one) == 8
+    assert set(scores["benchmarks"]["mme"]) == {"perception", "cognition", "total", "subtasks"}
+    assert scores["model"] == "embedded" and scores["output"] is None
+    assert "MME perception" in (tmp_path / "b1" / "scores.md").read_text()
+    rows, scores = _evaluate(tmp_path / "pope", "--benchmark", "pope", "--data_dir", str(data / "pope"))
+    assert {r["benchmark"] for r in rows} == {"pope_adversarial", "pope_popular", "pope_random"}
+    assert set(scores["benchmarks"]["pope_random"]) == {"accuracy", "precision", "recall", "f1", "yes_ratio"}
+    assert scores["mm_avg"] is not None
+
+
+@pytest.mark.slow
+def test_a_trained_run_is_evaluated_with_its_prompts(data, tmp_path):
+    from launch import python_run
+
+    run = tmp_path / "run"
+    python_run(run, "--max_steps", "2", "--dataloader_num_workers", "0", "--num_synthetic_samples", "32")
+    rows, scores = _evaluate(tmp_path / "eval", "--run_dir", str(run), "--benchmark", "mnist", "--data_dir",
+                             str(data / "tasks"))
+    assert scores["output"] == str(run / "prompts.safetensors") and scores["method"] == "m2pt"
+    assert len(rows) == 4 and 0.0 <= scores["benchmarks"]["mnist"]["accuracy"] <= 1.0
+    base, _ = _evaluate(tmp_path / "base", "--benchmark", "mnist", "--data_dir", str(data / "tasks"))
+    assert len(base) == 4
+
+
+def test_bad_inputs_are_named(data, tmp_path, capsys):
+    assert main(["--run_dir", str(tmp_path), "--benchmark", "mnist", "--data_dir", str(data / "tasks")]) == 2
+    assert "has no run_config.json" in capsys.readouterr().err
+    assert main(["--benchmark", "mnist", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "o")]) == 2
+    assert "mnist.jsonl does not exist" in capsys.readouterr().err
