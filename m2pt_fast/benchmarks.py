@@ -5,6 +5,13 @@
              questions_answers_YN/
   pope       coco_pope_{adversarial,popular,random}.json (JSON lines despite the name: question_id,
              image, text, label) and the COCO val2014 images (--image_folder, default <data_dir>/val2014)
+  textvqa    TextVQA_0.5.1_val.json (data: question_id, question, image_id, answers) and its images
+             (--image_folder, default <data_dir>/train_images: the release keeps val images there);
+             with TextVQA_Rosetta_OCR_v0.2_val.json beside it, LLaVA-1.5's "Reference OCR token:" line
+  vsr        a VSR split's jsonl (image, caption, label 0/1) and its COCO images (--image_folder,
+             default <data_dir>/images)
+  snli_ve    the SNLI-VE generator's jsonl (Flickr30K_ID or Flikr30kID, sentence2, gold_label) and the
+             Flickr30k images <id>.jpg (--image_folder, default <data_dir>/flickr30k_images)
   <task>     an M²PT held-out task file <data_dir>/<task>.jsonl (unique_id, image_path, prompt,
              target): cifar_10, cifar_100, mnist, snli_ve_classification, visual_spatial_reasoning,
              text_vqa, pope_adv, pope_pop, pope_rand
@@ -23,7 +30,12 @@ from m2pt_fast.evaluation import MME_COGNITION, MME_PERCEPTION, POPE_SPLITS
 
 M2PT_TASKS = ("cifar_10", "cifar_100", "mnist", "snli_ve_classification", "visual_spatial_reasoning", "text_vqa",
               "pope_adv", "pope_pop", "pope_rand")
-BENCHMARKS = ("mme", "pope", *M2PT_TASKS)
+BENCHMARKS = ("mme", "pope", "textvqa", "vsr", "snli_ve", *M2PT_TASKS)
+SNLI_LABELS = ("entailment", "neutral", "contradiction")
+# How VSR and SNLI-VE are asked (neither benchmark ships an instruction; these are ours, documented)
+VSR_PROMPT = 'Is this statement about the image true: "{caption}"? Answer yes or no.'
+SNLI_VE_PROMPT = ('Does the image entail, contradict, or neither the sentence "{sentence}"? Answer with one word: '
+                  "entailment, neutral or contradiction.")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 # LLaVA-1.5's instruction for short answers, appended where its question files append it (POPE)
 SHORT_ANSWER = "Answer the question using a single word or phrase."
@@ -131,6 +143,82 @@ def load_task(data_dir: Path, task: str, report: LoadReport) -> list[Question]:
     return questions
 
 
+def _json_file(path: Path, what: str):
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: {path} does not exist")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what}: {path} is not JSON ({e})") from e
+
+
+def load_textvqa(data_dir: Path, image_folder: Path, report: LoadReport) -> list[Question]:
+    records = _json_file(data_dir / "TextVQA_0.5.1_val.json", "TextVQA")
+    ocr_path = data_dir / "TextVQA_Rosetta_OCR_v0.2_val.json"
+    ocr = {}
+    if ocr_path.is_file():
+        ocr = {r["image_id"]: r.get("ocr_tokens", []) for r in _json_file(ocr_path, "TextVQA OCR")["data"]
+               if isinstance(r, dict) and "image_id" in r}
+    questions = []
+    for row in records.get("data", []) if isinstance(records, dict) else []:
+        try:
+            qid, question, image_id, answers = str(row["question_id"]), row["question"], row["image_id"], row["answers"]
+        except (KeyError, TypeError):
+            report.skip("TextVQA: a record without question_id, question, image_id and answers")
+            continue
+        image = image_folder / f"{image_id}.jpg"
+        if not image.is_file():
+            report.skip("TextVQA: a missing image")
+            continue
+        text = question
+        if image_id in ocr:
+            text += "\nReference OCR token: " + ", ".join(ocr[image_id])
+        questions.append(Question("textvqa", qid, image, f"{text}\n{SHORT_ANSWER}", list(answers),
+                                  {"question": question}))
+    return questions
+
+
+def load_vsr(data_dir: Path, image_folder: Path, report: LoadReport) -> list[Question]:
+    files = sorted(data_dir.glob("*.jsonl"))
+    if not files:
+        raise FileNotFoundError(f"VSR: {data_dir} holds no .jsonl split (random or zeroshot: image, caption, label)")
+    questions = []
+    for path in files:
+        for k, row in enumerate(_json_lines(path, report, "VSR")):
+            try:
+                image, caption, label = image_folder / row["image"], row["caption"], int(row["label"])
+            except (KeyError, TypeError, ValueError):
+                report.skip("VSR: a record without image, caption and a 0/1 label")
+                continue
+            if not image.is_file():
+                report.skip("VSR: a missing image")
+                continue
+            questions.append(Question("vsr", f"{path.stem}/{k}", image, VSR_PROMPT.format(caption=caption),
+                                      "yes" if label else "no", {"question": caption}))
+    return questions
+
+
+def load_snli_ve(data_dir: Path, image_folder: Path, report: LoadReport) -> list[Question]:
+    files = sorted(data_dir.glob("*.jsonl"))
+    if not files:
+        raise FileNotFoundError(f"SNLI-VE: {data_dir} holds no .jsonl file (Flickr30K_ID, sentence2, gold_label)")
+    questions = []
+    for path in files:
+        for k, row in enumerate(_json_lines(path, report, "SNLI-VE")):
+            image_id = row.get("Flickr30K_ID", row.get("Flikr30kID"))  # the generator spells it both ways
+            label, sentence = row.get("gold_label"), row.get("sentence2")
+            if image_id is None or not isinstance(sentence, str) or label not in SNLI_LABELS:
+                report.skip("SNLI-VE: a record without an image id, sentence2 and a gold_label")
+                continue
+            image = image_folder / f"{image_id}.jpg"
+            if not image.is_file():
+                report.skip("SNLI-VE: a missing image")
+                continue
+            questions.append(Question("snli_ve", f"{path.stem}/{k}", image, SNLI_VE_PROMPT.format(sentence=sentence),
+                                      label, {"question": sentence, "options": list(SNLI_LABELS)}))
+    return questions
+
+
 def load_benchmark(name: str, data_dir: str | Path, image_folder: str | Path | None = None,
                    report: LoadReport | None = None) -> list[Question]:
     """The questions of benchmark `name` (BENCHMARKS) under `data_dir`."""
@@ -140,6 +228,10 @@ def load_benchmark(name: str, data_dir: str | Path, image_folder: str | Path | N
         return load_mme(data_dir, report)
     if name == "pope":
         return load_pope(data_dir, Path(image_folder) if image_folder else data_dir / "val2014", report)
+    default_images = {"textvqa": "train_images", "vsr": "images", "snli_ve": "flickr30k_images"}
+    if name in default_images:
+        images = Path(image_folder) if image_folder else data_dir / default_images[name]
+        return {"textvqa": load_textvqa, "vsr": load_vsr, "snli_ve": load_snli_ve}[name](data_dir, images, report)
     if name in M2PT_TASKS:
         return load_task(data_dir, name, report)
     raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")

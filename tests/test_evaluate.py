@@ -47,6 +47,25 @@ def data(tmp_path_factory):
     (root / "tasks" / "mnist.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     for i in range(4):
         _image(root / "tasks" / "img" / f"{i}.png", (20 * i, 20 * i, 20 * i))
+    # TextVQA (val images live in train_images/), its OCR file; VSR; SNLI-VE with both id spellings
+    (root / "textvqa").mkdir()
+    (root / "textvqa" / "TextVQA_0.5.1_val.json").write_text(json.dumps({"data": [
+        {"question_id": 7, "question": "what brand is it?", "image_id": "abc", "answers": ["nike"] * 9 + ["adidas"]},
+        {"question_id": 8, "question": "what number?", "image_id": "gone", "answers": ["2"] * 10}]}))
+    (root / "textvqa" / "TextVQA_Rosetta_OCR_v0.2_val.json").write_text(json.dumps({"data": [
+        {"image_id": "abc", "ocr_tokens": ["NIKE", "run"]}]}))
+    _image(root / "textvqa" / "train_images" / "abc.jpg", (9, 9, 9))
+    (root / "vsr").mkdir()
+    (root / "vsr" / "zeroshot_test.jsonl").write_text(
+        json.dumps({"image": "1.jpg", "caption": "The cat is left of the dog.", "label": 1}) + "\n"
+        + json.dumps({"image": "1.jpg", "caption": "The dog is on the cat.", "label": 0}) + "\n")
+    _image(root / "vsr" / "images" / "1.jpg", (1, 2, 3))
+    (root / "snli").mkdir()
+    (root / "snli" / "snli_ve_test.jsonl").write_text(
+        json.dumps({"Flickr30K_ID": "55", "sentence2": "A dog runs.", "gold_label": "entailment"}) + "\n"
+        + json.dumps({"Flikr30kID": "55", "sentence2": "A cat sleeps.", "gold_label": "contradiction"}) + "\n"
+        + json.dumps({"Flickr30K_ID": "55", "sentence2": "?", "gold_label": "-"}) + "\n")
+    _image(root / "snli" / "flickr30k_images" / "55.jpg", (4, 5, 6))
     return root
 
 
@@ -62,6 +81,15 @@ def test_loaders_read_the_official_layouts_and_count_what_they_skip(data):
     assert [q.question_id for q in mnist] == ["m0", "m1", "m2", "m3"] and report.skipped["mnist: a missing image"] == 1
     with pytest.raises(FileNotFoundError, match="coco_pope_adversarial.json does not exist"):
         load_benchmark("pope", data / "tasks")
+    (textvqa,) = load_benchmark("textvqa", data / "textvqa", report=report)
+    assert textvqa.text == ("what brand is it?\nReference OCR token: NIKE, run\n"
+                            "Answer the question using a single word or phrase.")
+    assert textvqa.target == ["nike"] * 9 + ["adidas"] and report.skipped["TextVQA: a missing image"] == 1
+    vsr = load_benchmark("vsr", data / "vsr", report=report)
+    assert [q.target for q in vsr] == ["yes", "no"] and '"The cat is left of the dog."' in vsr[0].text
+    snli = load_benchmark("snli_ve", data / "snli", report=report)
+    assert [q.target for q in snli] == ["entailment", "contradiction"]
+    assert report.skipped["SNLI-VE: a record without an image id, sentence2 and a gold_label"] == 1
 
 
 def _evaluate(out, *args):
@@ -103,3 +131,14 @@ def test_bad_inputs_are_named(data, tmp_path, capsys):
     assert "has no run_config.json" in capsys.readouterr().err
     assert main(["--benchmark", "mnist", "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "o")]) == 2
     assert "mnist.jsonl does not exist" in capsys.readouterr().err
+
+
+def test_own_files_count_in_mm_avg_as_the_paper_s_tasks(data, tmp_path):
+    assert main(["--benchmark", "textvqa", "--data_dir", str(data / "textvqa"), "--output_dir", str(tmp_path),
+                 "--max_new_tokens", "3"]) == 0
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert scores["mm_avg"] == scores["benchmarks"]["textvqa"]["accuracy"]
+    (row,) = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    from m2pt_fast.evaluation import vqa_accuracy
+
+    assert scores["benchmarks"]["textvqa"]["accuracy"] == vqa_accuracy(row["text"], row["target"])
