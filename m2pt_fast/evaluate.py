@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -53,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max_new_tokens", type=int, default=128, help="LLaVA-1.5's default")
     p.add_argument("--conv_mode", choices=sorted(TEMPLATES), help="default: the run's --version, else v1")
     p.add_argument("--limit", type=int, help="the first N questions of each benchmark (a quick look)")
+    p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     return p
 
 
@@ -172,10 +174,51 @@ def _table(scores: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
+def _distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device): under torchrun or the deepspeed launcher (RANK, WORLD_SIZE set), a
+    process group of its own (NCCL on GPUs, gloo on the CPU); else rank 0 of 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local % torch.cuda.device_count()) if cuda else torch.device("cpu")
+    if world == 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), world, device
+
+
+def _gather(items: list, rank: int, world: int) -> list:
+    """Every rank's `items` on every rank, in rank order (a collective)."""
+    if world == 1:
+        return [items]
+    import torch.distributed as dist
+
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, items)
+    return gathered
+
+
 def evaluate(args) -> dict:
+    """Answer and score every benchmark; under a launcher, question k goes to rank k % world and
+    rank 0 writes the results, in question order."""
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise ValueError("--batch_size and --max_new_tokens must be at least 1")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world, device = _distributed()
+    try:
+        return _evaluate(args, rank, world, device)
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def _evaluate(args, rank: int, world: int, device: torch.device) -> dict:
     model, tokenizer, encoder, preprocess, source = load_model(args, device)
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -190,8 +233,10 @@ def evaluate(args) -> dict:
             groups.setdefault(q.benchmark, []).append(q)
         for bench, group in groups.items():
             group = group[:args.limit] if args.limit else group
-            predictions = answer(model, tokenizer, encoder, preprocess, group, args.batch_size, args.max_new_tokens,
-                                 device)
+            mine = answer(model, tokenizer, encoder, preprocess, group[rank::world], args.batch_size,
+                          args.max_new_tokens, device, progress=rank == 0)
+            shards = _gather(mine, rank, world)
+            predictions = [shards[k % world][k // world] for k in range(len(group))]
             benchmarks[bench] = score(bench, group, predictions)
             lines += [json.dumps({"question_id": q.question_id, "prompt": q.text, "text": p, "target": q.target,
                                   "benchmark": bench, **{k: v for k, v in q.extra.items() if k != "question"}})
@@ -211,9 +256,11 @@ def evaluate(args) -> dict:
               "settings": {"batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
                            "conv_mode": encoder.version, "data_dir": str(args.data_dir)},
               "benchmarks": benchmarks, "mm_avg": average}
-    (out_dir / "predictions.jsonl").write_text("".join(line + "\n" for line in lines))
-    (out_dir / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
-    (out_dir / "scores.md").write_text(_table(scores))
+    scores["settings"]["processes"] = world
+    if rank == 0:
+        (out_dir / "predictions.jsonl").write_text("".join(line + "\n" for line in lines))
+        (out_dir / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+        (out_dir / "scores.md").write_text(_table(scores))
     return scores
 
 
@@ -225,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
-    print(_table(scores), end="")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(_table(scores), end="")
     return 0
 
 

@@ -142,3 +142,18 @@ def test_own_files_count_in_mm_avg_as_the_paper_s_tasks(data, tmp_path):
     from m2pt_fast.evaluation import vqa_accuracy
 
     assert scores["benchmarks"]["textvqa"]["accuracy"] == vqa_accuracy(row["text"], row["target"])
+
+
+@pytest.mark.slow
+def test_two_processes_answer_and_score_as_one(data, tmp_path):
+    from launch import deepspeed_launcher, free_port, run
+
+    one, scores_one = _evaluate(tmp_path / "one", "--benchmark", "mme", "--data_dir", str(data / "mme"),
+                                "--batch_size", "2")
+    run([*deepspeed_launcher(), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "m2pt_fast.evaluate",
+         "--benchmark", "mme", "--data_dir", str(data / "mme"), "--batch_size", "2", "--output_dir", str(tmp_path / "two"),
+         "--max_new_tokens", "4"])
+    two = [json.loads(line) for line in (tmp_path / "two" / "predictions.jsonl").read_text().splitlines()]
+    scores_two = json.loads((tmp_path / "two" / "scores.json").read_text())
+    assert two == one  # every question, in order, answered alike
+    assert scores_two["benchmarks"] == scores_one["benchmarks"] and scores_two["settings"]["processes"] == 2
