@@ -157,3 +157,19 @@ def test_two_processes_answer_and_score_as_one(data, tmp_path):
     scores_two = json.loads((tmp_path / "two" / "scores.json").read_text())
     assert two == one  # every question, in order, answered alike
     assert scores_two["benchmarks"] == scores_one["benchmarks"] and scores_two["settings"]["processes"] == 2
+
+
+def test_chat_answers_as_evaluate_does(data, tmp_path, capsys, monkeypatch):
+    import io
+
+    from m2pt_fast.chat import main as chat
+
+    image = data / "tasks" / "img" / "1.png"
+    evaluated, _ = _evaluate(tmp_path / "e", "--benchmark", "mnist", "--data_dir", str(data / "tasks"))
+    capsys.readouterr()
+    assert chat(["--image", str(image), "--question", "What digit is shown?", "--max_new_tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip() == evaluated[1]["text"]  # the same image and question
+    monkeypatch.setattr("sys.stdin", io.StringIO("What digit is shown?\n\nWhat digit is shown?\n"))
+    assert chat(["--image", str(image), "--max_new_tokens", "4"]) == 0
+    assert capsys.readouterr().out.splitlines() == [evaluated[1]["text"]] * 2
+    assert chat(["--image", str(tmp_path / "none.png"), "--question", "?"]) == 2
