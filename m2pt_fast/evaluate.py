@@ -46,8 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vision_tower")
     p.add_argument("--pretrain_mm_mlp_adapter")
     p.add_argument("--prompts", help="a trained output to evaluate: a prompt file, PEFT adapter or model directory")
-    p.add_argument("--benchmark", nargs="+", required=True, choices=BENCHMARKS)
-    p.add_argument("--data_dir", required=True, help="where the benchmarks' files are (docs/evaluation.md)")
+    p.add_argument("--benchmark", nargs="+", choices=BENCHMARKS)
+    p.add_argument("--data_dir", help="where the benchmarks' files are (docs/evaluation.md)")
+    p.add_argument("--compare", nargs="+", metavar="EVAL_DIR",
+                   help="put earlier evaluations (their output directories) in one table and one radar plot, "
+                        "written to --output_dir; nothing is evaluated")
     p.add_argument("--image_folder", help="POPE's COCO val2014 images (default: <data_dir>/val2014)")
     p.add_argument("--output_dir", default="outputs/eval")
     p.add_argument("--batch_size", type=int, default=8)
@@ -264,9 +267,71 @@ def _evaluate(args, rank: int, world: int, device: torch.device) -> dict:
     return scores
 
 
+def headline(name: str, value: dict) -> float:
+    """A benchmark's one number, as the paper's table shows it: MME perception, else accuracy in percent."""
+    return value["perception"] if name == "mme" else 100.0 * value["accuracy"]
+
+
+def compare(eval_dirs: list[str], output_dir: str) -> str:
+    """A Markdown table (benchmarks by evaluation) and, with matplotlib, a radar plot (each axis scaled
+    to its best evaluation, as the paper's Figure 1), written to output_dir; returns the table."""
+    runs = []
+    for directory in eval_dirs:
+        path = Path(directory) / "scores.json"
+        if not path.is_file():
+            raise ValueError(f"--compare {directory} has no scores.json: not an evaluate output directory")
+        runs.append((Path(directory).name, json.loads(path.read_text())))
+    names = [b for b in dict.fromkeys(b for _, s in runs for b in s["benchmarks"])]
+    rows = ["| benchmark | " + " | ".join(label for label, _ in runs) + " |", "|---" * (len(runs) + 1) + "|"]
+    for name in names:
+        cells = [f"{headline(name, s['benchmarks'][name]):.2f}" if name in s["benchmarks"] else "–" for _, s in runs]
+        rows.append(f"| {name}{' (perception)' if name == 'mme' else ''} | " + " | ".join(cells) + " |")
+    rows.append("| MMAvg | " + " | ".join(f"{100 * s['mm_avg']:.2f}" if s.get("mm_avg") is not None else "–"
+                                         for _, s in runs) + " |")
+    table = "\n".join(rows) + "\n"
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.md").write_text(table)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: compare.md only, no radar plot (pip install matplotlib)")
+        return table
+    import math
+
+    if len(names) >= 3:
+        angles = [2 * math.pi * k / len(names) for k in range(len(names))]
+        best = {n: max((headline(n, s["benchmarks"][n]) for _, s in runs if n in s["benchmarks"]), default=0) or 1
+                for n in names}
+        figure = plt.figure(figsize=(6, 6))
+        axes = figure.add_subplot(projection="polar")
+        for label, s in runs:
+            values = [headline(n, s["benchmarks"][n]) / best[n] if n in s["benchmarks"] else 0 for n in names]
+            axes.plot(angles + angles[:1], values + values[:1], label=label)
+        axes.set_xticks(angles, names)
+        axes.set_yticklabels([])
+        axes.legend(loc="lower right", fontsize="small")
+        figure.savefig(out / "compare.png", dpi=120, bbox_inches="tight")
+        plt.close(figure)
+    return table
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
+    if args.compare:
+        try:
+            print(compare(args.compare, args.output_dir), end="")
+        except ValueError as e:
+            print(f"evaluate: error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    if not args.benchmark or not args.data_dir:
+        print("evaluate: error: --benchmark and --data_dir are required (or --compare EVAL_DIR...)", file=sys.stderr)
+        return 2
     try:
         scores = evaluate(args)
     except (ValueError, FileNotFoundError) as e:

@@ -173,3 +173,23 @@ def test_chat_answers_as_evaluate_does(data, tmp_path, capsys, monkeypatch):
     assert chat(["--image", str(image), "--max_new_tokens", "4"]) == 0
     assert capsys.readouterr().out.splitlines() == [evaluated[1]["text"]] * 2
     assert chat(["--image", str(tmp_path / "none.png"), "--question", "?"]) == 2
+
+
+def test_compare_puts_evaluations_in_one_table_and_a_radar_plot(tmp_path):
+    def fake(name, mnist, cifar, mme):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "scores.json").write_text(json.dumps({"benchmarks": {
+            "mnist": {"accuracy": mnist}, "cifar_10": {"accuracy": cifar},
+            "mme": {"perception": mme, "cognition": 0.0, "total": mme, "subtasks": {}}},
+            "mm_avg": (mnist + cifar) / 2}))
+        return str(tmp_path / name)
+
+    runs = [fake("base", 0.5, 0.25, 1000.0), fake("m2pt", 0.75, 0.5, 1200.0)]
+    assert main(["--compare", *runs, "--output_dir", str(tmp_path / "cmp")]) == 0
+    table = (tmp_path / "cmp" / "compare.md").read_text().splitlines()
+    assert table[0] == "| benchmark | base | m2pt |"
+    assert "| mnist | 50.00 | 75.00 |" in table and "| mme (perception) | 1000.00 | 1200.00 |" in table
+    assert table[-1] == "| MMAvg | 37.50 | 62.50 |"
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000
+    assert main(["--compare", str(tmp_path / "nothing"), "--output_dir", str(tmp_path / "x")]) == 2
