@@ -12,6 +12,8 @@
              default <data_dir>/images)
   snli_ve    the SNLI-VE generator's jsonl (Flickr30K_ID or Flikr30kID, sentence2, gold_label) and the
              Flickr30k images <id>.jpg (--image_folder, default <data_dir>/flickr30k_images)
+  synthetic  the embedded demo's own test (no files): questions of the trained families on images the
+             run never saw ("synthetic_seen") and of the held-out families ("synthetic_held_out")
   <task>     an M²PT held-out task file <data_dir>/<task>.jsonl (unique_id, image_path, prompt,
              target): cifar_10, cifar_100, mnist, snli_ve_classification, visual_spatial_reasoning,
              text_vqa, pope_adv, pope_pop, pope_rand
@@ -30,7 +32,9 @@ from m2pt_fast.evaluation import MME_COGNITION, MME_PERCEPTION, POPE_SPLITS
 
 M2PT_TASKS = ("cifar_10", "cifar_100", "mnist", "snli_ve_classification", "visual_spatial_reasoning", "text_vqa",
               "pope_adv", "pope_pop", "pope_rand")
-BENCHMARKS = ("mme", "pope", "textvqa", "vsr", "snli_ve", *M2PT_TASKS)
+BENCHMARKS = ("synthetic", "mme", "pope", "textvqa", "vsr", "snli_ve", *M2PT_TASKS)
+SYNTHETIC_QUESTIONS = 120  # per part (seen, held out)
+SYNTHETIC_FIRST_INDEX = 1_000_000  # past any training set's indices: images the run never saw
 SNLI_LABELS = ("entailment", "neutral", "contradiction")
 # How VSR and SNLI-VE are asked (neither benchmark ships an instruction; these are ours, documented)
 VSR_PROMPT = 'Is this statement about the image true: "{caption}"? Answer yes or no.'
@@ -219,10 +223,31 @@ def load_snli_ve(data_dir: Path, image_folder: Path, report: LoadReport) -> list
     return questions
 
 
-def load_benchmark(name: str, data_dir: str | Path, image_folder: str | Path | None = None,
-                   report: LoadReport | None = None) -> list[Question]:
-    """The questions of benchmark `name` (BENCHMARKS) under `data_dir`."""
+def load_synthetic(seed: int, count: int = SYNTHETIC_QUESTIONS) -> list[Question]:
+    from m2pt_fast.data import held_out_record, synthetic_record
+    from m2pt_fast.data.conversation import IMAGE_PLACEHOLDER
+
+    questions = []
+    for k in range(count):
+        record = synthetic_record(seed, SYNTHETIC_FIRST_INDEX + k)
+        question = record["conversations"][0]["value"].replace(IMAGE_PLACEHOLDER, "").strip()
+        questions.append(Question("synthetic_seen", record["id"], record["image"], question,
+                                  record["conversations"][1]["value"], {"question": question}))
+    for k in range(count):
+        record = held_out_record(seed, k)
+        questions.append(Question("synthetic_held_out", record["id"], record["image"], record["question"],
+                                  record["answer"], {"question": record["question"], "family": record["family"]}))
+    return questions
+
+
+def load_benchmark(name: str, data_dir: str | Path | None, image_folder: str | Path | None = None,
+                   report: LoadReport | None = None, seed: int = 42) -> list[Question]:
+    """The questions of benchmark `name` (BENCHMARKS) under `data_dir` (synthetic: generated from `seed`)."""
     report = report if report is not None else LoadReport()
+    if name == "synthetic":
+        return load_synthetic(seed)
+    if data_dir is None:
+        raise ValueError(f"--benchmark {name} needs --data_dir (where its files are)")
     data_dir = Path(data_dir)
     if name == "mme":
         return load_mme(data_dir, report)

@@ -105,7 +105,7 @@ def load_model(args, device: torch.device):
         preprocess = ImagePreprocessor.from_model_dir(cfg.processor_dir, model.image_size, cfg.aspect_ratio)
     encoder = ConversationEncoder(tokenizer, model.image_token_id, model.image_seq_length, 1 << 30, version=cfg.version)
     return model, tokenizer, encoder, preprocess, {"model": cfg.model_name_or_path or "embedded", "output": str(output)
-                                                   if output else None, "method": run.get("method")}
+                                                   if output else None, "method": run.get("method"), "seed": cfg.seed}
 
 
 @torch.no_grad()
@@ -127,6 +127,9 @@ def answer(model, tokenizer, encoder, preprocess, questions: list[Question], bat
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
         pixels = []
         for q in batch:
+            if isinstance(q.image, Image.Image):  # the synthetic benchmark's, drawn in memory
+                pixels.append(preprocess(q.image))
+                continue
             with Image.open(q.image) as image:
                 pixels.append(preprocess(image))
         pixel_values = torch.stack(pixels).to(device, next(model.parameters()).dtype)
@@ -165,6 +168,8 @@ def _commit() -> str | None:
 
 def _table(scores: dict) -> str:
     rows = ["| benchmark | score |", "|---|---|"]
+    for part, value in scores.get("synthetic", {}).items():
+        rows.append(f"| synthetic, {part.replace('_', ' ')} (accuracy) | {100 * value:.2f} |")
     for name, value in scores["benchmarks"].items():
         if name == "mme":
             rows.append(f"| MME perception / cognition | {value['perception']:.1f} / {value['cognition']:.1f} |")
@@ -223,12 +228,13 @@ def evaluate(args) -> dict:
 
 def _evaluate(args, rank: int, world: int, device: torch.device) -> dict:
     model, tokenizer, encoder, preprocess, source = load_model(args, device)
+    seed = source.pop("seed")
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     benchmarks, lines = {}, []
     for name in args.benchmark:
         report = LoadReport()
-        questions = load_benchmark(name, args.data_dir, args.image_folder, report)
+        questions = load_benchmark(name, args.data_dir, args.image_folder, report, seed=seed)
         if report.skipped:
             log.warning("%s: skipped %d question(s): %s", name, sum(report.skipped.values()), dict(report.skipped))
         groups: dict[str, list[Question]] = {}
@@ -244,6 +250,8 @@ def _evaluate(args, rank: int, world: int, device: torch.device) -> dict:
             lines += [json.dumps({"question_id": q.question_id, "prompt": q.text, "text": p, "target": q.target,
                                   "benchmark": bench, **{k: v for k, v in q.extra.items() if k != "question"}})
                       for q, p in zip(group, predictions)]
+    synthetic = {part: benchmarks.pop(f"synthetic_{part}")["accuracy"] for part in ("seen", "held_out")
+                 if f"synthetic_{part}" in benchmarks}
     held_out = {name: value["accuracy"] for name, value in benchmarks.items() if name != "mme"}
     pope = [held_out.pop(f"pope_{s}") for s in ("adversarial", "popular", "random") if f"pope_{s}" in held_out]
     if pope:
@@ -257,8 +265,8 @@ def _evaluate(args, rank: int, world: int, device: torch.device) -> dict:
         average = None
     scores = {**source, "commit": _commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "settings": {"batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
-                           "conv_mode": encoder.version, "data_dir": str(args.data_dir)},
-              "benchmarks": benchmarks, "mm_avg": average}
+                           "conv_mode": encoder.version, "data_dir": args.data_dir},
+              "benchmarks": benchmarks, "mm_avg": average, **({"synthetic": synthetic} if synthetic else {})}
     scores["settings"]["processes"] = world
     if rank == 0:
         (out_dir / "predictions.jsonl").write_text("".join(line + "\n" for line in lines))
@@ -329,8 +337,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"evaluate: error: {e}", file=sys.stderr)
             return 2
         return 0
-    if not args.benchmark or not args.data_dir:
-        print("evaluate: error: --benchmark and --data_dir are required (or --compare EVAL_DIR...)", file=sys.stderr)
+    if not args.benchmark:
+        print("evaluate: error: --benchmark is required (or --compare EVAL_DIR...)", file=sys.stderr)
         return 2
     try:
         scores = evaluate(args)

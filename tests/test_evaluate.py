@@ -193,3 +193,30 @@ def test_compare_puts_evaluations_in_one_table_and_a_radar_plot(tmp_path):
     pytest.importorskip("matplotlib")
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000
     assert main(["--compare", str(tmp_path / "nothing"), "--output_dir", str(tmp_path / "x")]) == 2
+
+
+def test_the_synthetic_held_out_families_are_never_trained_on():
+    from m2pt_fast.data import held_out_record, synthetic_record
+    from m2pt_fast.data.synthetic import ANY_SHAPE, COLORS, DIGIT_COLOR, NUMBER_WORDS, TOTAL
+
+    asked = {turn["value"].replace("<image>", "").strip() for i in range(2000)
+             for turn in synthetic_record(42, i)["conversations"] if turn["from"] == "human"}
+    held_out = {t.format(shape=s) for t in DIGIT_COLOR + TOTAL + ANY_SHAPE for s in ("circle", "square", "triangle",
+                                                                                   "diamond")}
+    assert not asked & held_out and len(asked) > 50
+    records = [held_out_record(42, k) for k in range(30)]
+    assert [r["family"] for r in records[:3]] == ["digit_color", "total", "any_shape"]
+    assert all(r["answer"] in COLORS for r in records if r["family"] == "digit_color")
+    assert all(r["answer"] in NUMBER_WORDS[1:6] for r in records if r["family"] == "total")  # scenes hold 1-5
+    assert held_out_record(42, 5)["answer"] == held_out_record(42, 5)["answer"]  # a pure function
+    assert held_out_record(42, 5)["image"].tobytes() == held_out_record(42, 5)["image"].tobytes()
+
+
+def test_evaluate_synthetic_reports_seen_and_held_out(tmp_path):
+    assert main(["--benchmark", "synthetic", "--limit", "6", "--max_new_tokens", "3",
+                 "--output_dir", str(tmp_path)]) == 0
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    assert set(scores["synthetic"]) == {"seen", "held_out"} and "synthetic_seen" not in scores["benchmarks"]
+    rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert [r["benchmark"] for r in rows] == ["synthetic_seen"] * 6 + ["synthetic_held_out"] * 6
+    assert "synthetic, held out" in (tmp_path / "scores.md").read_text()

@@ -14,7 +14,7 @@ from .llava_json import (
     make_collate,
 )
 from .sampler import EpochShardSampler
-from .synthetic import synthetic_record, synthetic_texts, write_llava_json
+from .synthetic import held_out_record, synthetic_record, synthetic_texts, write_llava_json
 from .tokenizer import IMAGE, build_word_tokenizer, words_of
 
 __all__ = [
@@ -22,5 +22,5 @@ __all__ = [
     "LlavaJsonDataset",
     "SampleBuilder", "SkipReport", "SyntheticInstructDataset", "build_word_tokenizer", "check_images_decode",
     "load_llava_records",
-    "make_collate", "synthetic_record", "synthetic_texts", "words_of", "write_llava_json",
+    "held_out_record", "make_collate", "synthetic_record", "synthetic_texts", "words_of", "write_llava_json",
 ]

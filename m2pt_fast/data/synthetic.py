@@ -1,7 +1,9 @@
 """A synthetic multimodal instruction set, rendered on the fly: the embedded default's data.
 
 Scenes of coloured shapes on a 3x3 grid, or a single seven-segment digit, with questions in five
-task families: existence (yes/no), colour, count, spatial relation, classification. Every sample is a
+task families: existence (yes/no), colour, count, spatial relation, classification; and three
+held-out families (`held_out_record`: the digit's colour, the total count, any shape) that training
+never asks, for `evaluate --benchmark synthetic`. Every sample is a
 pure function of (seed, index), so data order and content survive a resume and need no files.
 Records have the LLaVA layout, with the PIL image itself in place of a file name.
 """
@@ -44,13 +46,21 @@ ABOVE = ("Is the {color} {shape} above the {color2} {shape2}?",)
 DIGIT = ("Which digit is shown in the image?", "What number is written here?")
 SHAPE = ("What shape is in the image?", "Name the shape in the picture.")
 TEMPLATES = EXISTENCE + COLOR + COUNT + LEFT_OF + ABOVE + DIGIT + SHAPE
+# Held out from training (never asked by synthetic_record): new instructions on the same kind of
+# images, answered with words the trained families use (colours, number words, yes/no). What a model
+# gets right here it was never trained to answer: the zero-shot claim in miniature.
+DIGIT_COLOR = ("What color is the digit?",)
+TOTAL = ("How many shapes are in the image in total?",)
+ANY_SHAPE = ("Is there any {shape} in the image?",)
+HELD_OUT = DIGIT_COLOR + TOTAL + ANY_SHAPE
+DIGIT_COLORS = ("black", "blue", "red")
 
 
 def synthetic_texts() -> list[str]:
     """Every word a synthetic sample can contain, as texts (for building the tokenizer's vocabulary)."""
     fills = dict(color="", shape="", shapes="", color2="", shape2="")
     return [
-        *(t.format(**fills) for t in TEMPLATES),
+        *(t.format(**fills) for t in TEMPLATES + HELD_OUT),
         *COLORS, *SHAPES, *PLURALS.values(), *NUMBER_WORDS, "yes no", IMAGE_PLACEHOLDER,
     ]
 
@@ -130,7 +140,7 @@ def synthetic_record(seed: int, index: int) -> dict[str, Any]:
     if rng.random() < 0.2:
         digit = rng.randrange(10)
         image = Image.new("RGB", (CANVAS, CANVAS), BACKGROUND)
-        _draw_digit(ImageDraw.Draw(image), digit, COLORS[rng.choice(("black", "blue", "red"))])
+        _draw_digit(ImageDraw.Draw(image), digit, COLORS[rng.choice(DIGIT_COLORS)])
         qa = [(rng.choice(DIGIT), NUMBER_WORDS[digit])]
     else:
         objects = _scene(rng)
@@ -141,6 +151,29 @@ def synthetic_record(seed: int, index: int) -> dict[str, Any]:
         text = f"{IMAGE_PLACEHOLDER}\n{question}" if k == 0 else question
         conversations += [{"from": "human", "value": text}, {"from": "gpt", "value": answer}]
     return {"id": f"synthetic-{seed}-{index}", "image": image, "conversations": conversations}
+
+
+def held_out_record(seed: int, index: int) -> dict[str, Any]:
+    """Sample `index` of the held-out families: {"id", "image", "question", "answer", "family"}; a pure
+    function of (seed, index), on images drawn as the training set's are."""
+    rng = random.Random(seed * 1_000_003 + index + 7_777_777)
+    family = ("digit_color", "total", "any_shape")[index % 3]
+    if family == "digit_color":
+        color = rng.choice(DIGIT_COLORS)
+        image = Image.new("RGB", (CANVAS, CANVAS), BACKGROUND)
+        _draw_digit(ImageDraw.Draw(image), rng.randrange(10), COLORS[color])
+        question, answer = DIGIT_COLOR[0], color
+    else:
+        objects = _scene(rng)
+        image = _render_scene(objects)
+        if family == "total":
+            question, answer = TOTAL[0], NUMBER_WORDS[len(objects)]
+        else:
+            shape = rng.choice(SHAPES)
+            question = ANY_SHAPE[0].format(shape=shape)
+            answer = "yes" if any(o["shape"] == shape for o in objects) else "no"
+    return {"id": f"held-out-{seed}-{index}", "image": image, "question": question, "answer": answer,
+            "family": family}
 
 
 def write_llava_json(directory, num_samples: int, seed: int = 0) -> tuple[str, str]:
