@@ -571,6 +571,18 @@ class M2PTRecipe:
         return (f"could not write {what} under {self.output_dir}" + (": the disk is full" if full else "")
                 + f" ({error}; {free / 2**20:.2f} MiB free there); {kept}")
 
+    def _checkpoint_bytes(self) -> int:
+        """About what one checkpoint takes on disk: the newest one's size where there is one, else the
+        tuned tensors with their optimizer state (fp32 value, Adam's two moments; bf16 adds a master
+        copy), and DeepSpeed's helper scripts; with a margin of a quarter."""
+        found = newest_checkpoint(self.output_dir)
+        if found is not None:
+            size = sum(f.stat().st_size for f in found[1].rglob("*") if f.is_file())
+        else:
+            tuned = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            size = tuned * (16 if self.bf16 else 12) + 128 * 2**10
+        return int(size * 1.25)
+
     def _save_checkpoint(self, rng: dict) -> None:
         """Write checkpoint step-<global_step>; rng: the RNG state to restore on resume (rng_state()).
 
@@ -578,6 +590,15 @@ class M2PTRecipe:
         previous checkpoint stays as it was."""
         step = self.global_step
         tmp = temporary_dir(self.output_dir, step)
+        # DeepSpeed's save is collective inside: a rank that fails part-way leaves the others waiting
+        # in it for ever. So every rank first checks there is room for a checkpoint, and all refuse
+        # together where one lacks it.
+        needed = self._checkpoint_bytes()
+        free = shutil.disk_usage(self.output_dir).free
+        if not self._all_ranks(free >= needed):
+            raise WriteFailed(self._write_failure(
+                f"checkpoint step-{step}",
+                OSError(f"a checkpoint needs about {needed / 2**20:.2f} MiB; not written")))
         error = None
         try:
             if self.rank == 0:

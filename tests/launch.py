@@ -36,11 +36,12 @@ def deepspeed_launcher() -> list[str]:
     return [launcher] if launcher else [sys.executable, "-m", "deepspeed.launcher.runner"]
 
 
-def deepspeed_run(output_dir: Path, *args: str, processes: int = 2, script: Path = TRAIN) -> subprocess.CompletedProcess:
+def deepspeed_run(output_dir: Path, *args: str, processes: int = 2, script: Path = TRAIN,
+                  expect: int = 0) -> subprocess.CompletedProcess:
     # a free port of its own: other test runs on the machine may hold DeepSpeed's default one
     port = free_port()
     result = run([*deepspeed_launcher(), "--num_gpus", str(processes), "--master_port", str(port),
-                  str(script), "--output_dir", str(output_dir), *args])
+                  str(script), "--output_dir", str(output_dir), *args], expect=expect)
     # DeepSpeed's CPU shared-memory all-reduce leaves a segment per rank, named by the port, that
     # nothing removes; the trainer keeps that op out of CPU runs
     left = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))

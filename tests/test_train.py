@@ -465,6 +465,20 @@ def test_a_full_disk_says_so_and_keeps_the_previous_checkpoint(small_disk, tmp_p
     assert [m["step"] for m in metrics(roomy)] == [1, 2, 3, 4] and (roomy / "prompts.safetensors").is_file()
 
 
+def test_a_full_disk_under_two_ranks_stops_both_and_keeps_the_previous_checkpoint(small_disk, tmp_path):
+    disk = small_disk(720)  # two 2-rank checkpoints (about 280 KiB each) and the run's files, not a third
+    out = disk / "out"
+    args = ("--ds_config", "configs/zero2.json", "--max_steps", "4", "--save_steps", "1", "--save_total_limit", "5",
+            "--dataloader_num_workers", "0")
+    result = deepspeed_run(out, *args, expect=1)
+    assert "could not write checkpoint step-3" in result.stderr and "the disk is full" in result.stderr
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]  # no partial left
+    roomy = tmp_path / "roomy"
+    shutil.copytree(out, roomy)
+    deepspeed_run(roomy, *args, "--resume")  # both ranks continue from the kept checkpoint
+    assert [m["step"] for m in metrics(roomy)] == [1, 2, 3, 4] and (roomy / "prompts.safetensors").is_file()
+
+
 def test_a_failed_final_write_does_not_lose_the_run(small_disk):
     disk = small_disk(48)  # the run's small files fit, the prompt file does not
     result = python_run(disk / "out", "--max_steps", "2", "--dataloader_num_workers", "0", expect=1)
