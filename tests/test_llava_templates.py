@@ -4,7 +4,6 @@ apart, every chunk's BOS but the first dropped), with a tokenizer that behaves l
 SentencePiece (a "▁" before every text segment, spaces as "▁", a lone trailing space its own token),
 against ConversationEncoder; and LLaVA-1.5's "pad" preprocessing against its expand2square rule."""
 import pytest
-import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
