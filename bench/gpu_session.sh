@@ -14,7 +14,7 @@
 # same, with the device and versions.
 #
 # A machine without bitsandbytes/deepspeed and without a registry: bring their wheels in .whl/
-# (bash ../shared/tools/gpu-wheels.sh, or pip download --no-deps -d .whl bitsandbytes;
+# (docs/benchmarks.md, "The GPU machine"; e.g. pip download --no-deps -d .whl bitsandbytes;
 # DS_BUILD_OPS=0 pip wheel --no-deps -w .whl deepspeed); this script installs them into /tmp/site.
 set -uo pipefail
 cd "$(dirname "$0")/.."

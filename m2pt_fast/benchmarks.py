@@ -182,44 +182,46 @@ def load_textvqa(data_dir: Path, image_folder: Path, report: LoadReport) -> list
     return questions
 
 
-def load_vsr(data_dir: Path, image_folder: Path, report: LoadReport) -> list[Question]:
+def _split_rows(data_dir: Path, report: LoadReport, what: str, fields: str):
+    """(record id, row) of every line of every .jsonl file in data_dir (the benchmark's splits)."""
     files = sorted(data_dir.glob("*.jsonl"))
     if not files:
-        raise FileNotFoundError(f"VSR: {data_dir} holds no .jsonl split (random or zeroshot: image, caption, label)")
-    questions = []
+        raise FileNotFoundError(f"{what}: {data_dir} holds no .jsonl file ({fields})")
     for path in files:
-        for k, row in enumerate(_json_lines(path, report, "VSR")):
-            try:
-                image, caption, label = image_folder / row["image"], row["caption"], int(row["label"])
-            except (KeyError, TypeError, ValueError):
-                report.skip("VSR: a record without image, caption and a 0/1 label")
-                continue
-            if not image.is_file():
-                report.skip("VSR: a missing image")
-                continue
-            questions.append(Question("vsr", f"{path.stem}/{k}", image, VSR_PROMPT.format(caption=caption),
-                                      "yes" if label else "no", {"question": caption}))
+        for k, row in enumerate(_json_lines(path, report, what)):
+            yield f"{path.stem}/{k}", row
+
+
+def load_vsr(data_dir: Path, image_folder: Path, report: LoadReport) -> list[Question]:
+    questions = []
+    for record_id, row in _split_rows(data_dir, report, "VSR", "random or zeroshot split: image, caption, label"):
+        try:
+            image, caption, label = image_folder / row["image"], row["caption"], int(row["label"])
+        except (KeyError, TypeError, ValueError):
+            report.skip("VSR: a record without image, caption and a 0/1 label")
+            continue
+        if not image.is_file():
+            report.skip("VSR: a missing image")
+            continue
+        questions.append(Question("vsr", record_id, image, VSR_PROMPT.format(caption=caption),
+                                  "yes" if label else "no", {"question": caption}))
     return questions
 
 
 def load_snli_ve(data_dir: Path, image_folder: Path, report: LoadReport) -> list[Question]:
-    files = sorted(data_dir.glob("*.jsonl"))
-    if not files:
-        raise FileNotFoundError(f"SNLI-VE: {data_dir} holds no .jsonl file (Flickr30K_ID, sentence2, gold_label)")
     questions = []
-    for path in files:
-        for k, row in enumerate(_json_lines(path, report, "SNLI-VE")):
-            image_id = row.get("Flickr30K_ID", row.get("Flikr30kID"))  # the generator spells it both ways
-            label, sentence = row.get("gold_label"), row.get("sentence2")
-            if image_id is None or not isinstance(sentence, str) or label not in SNLI_LABELS:
-                report.skip("SNLI-VE: a record without an image id, sentence2 and a gold_label")
-                continue
-            image = image_folder / f"{image_id}.jpg"
-            if not image.is_file():
-                report.skip("SNLI-VE: a missing image")
-                continue
-            questions.append(Question("snli_ve", f"{path.stem}/{k}", image, SNLI_VE_PROMPT.format(sentence=sentence),
-                                      label, {"question": sentence, "options": list(SNLI_LABELS)}))
+    for record_id, row in _split_rows(data_dir, report, "SNLI-VE", "Flickr30K_ID, sentence2, gold_label"):
+        image_id = row.get("Flickr30K_ID", row.get("Flikr30kID"))  # the generator spells it both ways
+        label, sentence = row.get("gold_label"), row.get("sentence2")
+        if image_id is None or not isinstance(sentence, str) or label not in SNLI_LABELS:
+            report.skip("SNLI-VE: a record without an image id, sentence2 and a gold_label")
+            continue
+        image = image_folder / f"{image_id}.jpg"
+        if not image.is_file():
+            report.skip("SNLI-VE: a missing image")
+            continue
+        questions.append(Question("snli_ve", record_id, image, SNLI_VE_PROMPT.format(sentence=sentence),
+                                  label, {"question": sentence, "options": list(SNLI_LABELS)}))
     return questions
 
 
