@@ -59,6 +59,27 @@ def make_batch(model, shape: StepShape, batch: int | None = None, seed: int = 0)
     return ids.to(device), pixels.to(device, shape.dtype), torch.ones_like(ids).to(device), labels.to(device)
 
 
+def _bnb_params_on_meta(out_features: int, in_features: int, dtype: torch.dtype):
+    """A bitsandbytes Params4bit on meta with the storage a quantized (nf4, double quant, blocksize
+    64) weight has on a GPU: packed bytes (N·K/2, 1) uint8, 8-bit absmax per block, and the nested
+    statistics (fp32 absmax per 256 blocks, the 256-entry code, the offset), plus the 16-entry NF4
+    code. Nothing is quantized: meta has no values to quantize."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import QuantState
+
+    n = out_features * in_features
+    blocks = -(-n // 64)
+    meta = dict(device="meta")
+    nested = QuantState(absmax=torch.empty(-(-blocks // 256), dtype=torch.float32, **meta),
+                        code=torch.empty(256, dtype=torch.float32, **meta), blocksize=256, dtype=torch.float32)
+    state = QuantState(absmax=torch.empty(blocks, dtype=torch.uint8, **meta), shape=torch.Size((out_features, in_features)),
+                       code=torch.empty(16, dtype=torch.float32, **meta), blocksize=64, quant_type="nf4", dtype=dtype,
+                       offset=torch.empty((), dtype=torch.float32, **meta), state2=nested)
+    return bnb.nn.Params4bit(torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, **meta), requires_grad=False,
+                             quant_state=state, blocksize=64, compress_statistics=True, quant_type="nf4",
+                             bnb_quantized=True)
+
+
 def _bnb_quantize(llava, dtype: torch.dtype) -> None:
     """Swap the vision tower's and decoder's nn.Linear for bitsandbytes Linear4bit (nf4, double quant)."""
     import bitsandbytes as bnb
@@ -71,8 +92,11 @@ def _bnb_quantize(llava, dtype: torch.dtype) -> None:
             quantized = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
                                           compute_dtype=dtype, compress_statistics=True, quant_type="nf4",
                                           device="meta")
-            quantized.weight = bnb.nn.Params4bit(module.weight.data.to("cpu" if device.type == "cpu" else device),
-                                                 requires_grad=False, quant_type="nf4", compress_statistics=True)
+            if device.type == "meta":
+                quantized.weight = _bnb_params_on_meta(module.out_features, module.in_features, dtype)
+            else:
+                quantized.weight = bnb.nn.Params4bit(module.weight.data.to("cpu" if device.type == "cpu" else device),
+                                                     requires_grad=False, quant_type="nf4", compress_statistics=True)
             if module.bias is not None:
                 quantized.bias = nn.Parameter(module.bias.data, requires_grad=False)
             parent, _, child = name.rpartition(".")

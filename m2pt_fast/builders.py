@@ -79,6 +79,20 @@ def _llava_15_7b() -> LlavaConfig:
     )
 
 
+def _llava_15_13b() -> LlavaConfig:
+    # llava-hf/llava-1.5-13b-hf: the 7B's vision side and projector input, Vicuna-13B v1.5 (40 layers,
+    # width 5120, 40 heads, MLP 13824), the same vocabulary.
+    text = LlamaConfig(
+        hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+        num_key_value_heads=40, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5,
+        pad_token_id=32001,
+    )
+    return LlavaConfig(
+        vision_config=_clip_vit_l14(336), text_config=text, image_token_id=32000,
+        projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
+    )
+
+
 def _llava_v1_7b() -> LlavaConfig:
     # The M²PT paper's model: LLaVA v1 (Vicuna-7B v1.3, CLIP ViT-L/14 at 224 px, linear projector).
     # build_llava swaps transformers' MLP projector for a LinearProjector for this shape.
@@ -95,6 +109,7 @@ NAMED_CONFIGS = {
     "tiny-gqa": lambda: _tiny(gqa=True),
     "tiny-siglip-qwen2": _tiny_siglip_qwen2,
     "llava-1.5-7b": _llava_15_7b,
+    "llava-1.5-13b": _llava_15_13b,
     "llava-v1-7b": _llava_v1_7b,
 }
 

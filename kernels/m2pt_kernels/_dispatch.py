@@ -23,6 +23,28 @@ def triton_available() -> bool:
     return True
 
 
+_META_AS_KERNELS = False
+
+
+@contextlib.contextmanager
+def meta_as_kernels():
+    """Inside, meta tensors take the kernels' path, as CUDA tensors would: each op then allocates
+    exactly what its kernel allocates (its registered fake implementation's outputs), so the CUDA
+    peak of a step can be counted on meta (m2pt_fast.memory). Outside, meta tensors run the
+    references, whose matmuls FLOP counters see."""
+    global _META_AS_KERNELS
+    previous, _META_AS_KERNELS = _META_AS_KERNELS, True
+    try:
+        yield
+    finally:
+        _META_AS_KERNELS = previous
+
+
+def meta_takes_kernels(*tensors: torch.Tensor) -> bool:
+    """True for meta tensors inside meta_as_kernels()."""
+    return _META_AS_KERNELS and {t.device.type for t in tensors if t is not None} == {"meta"}
+
+
 def use_triton(*tensors: torch.Tensor) -> bool:
     """True when the Triton kernel should run on these tensors (all on one device)."""
     devices = {t.device.type for t in tensors if t is not None}

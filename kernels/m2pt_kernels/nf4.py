@@ -182,6 +182,8 @@ def _check_linear(x: torch.Tensor, q: NF4Weight, bias: Optional[torch.Tensor]) -
 
 def _dense(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
     """The dense weight by the fastest available path on q's device."""
+    if q.device.type == "meta":
+        return torch.empty(q.shape, dtype=dtype, device=q.device)  # what the kernel allocates: the output
     if _dispatch.use_triton(q.packed):
         if dtype == torch.bfloat16 and q.device.type == "cpu":
             # the interpreter (numpy has no bf16) truncates fp32 -> bf16 instead of rounding to
@@ -198,7 +200,9 @@ def _forward(x: torch.Tensor, q: NF4Weight, bias: Optional[torch.Tensor]) -> tor
     x2d = x.reshape(-1, x.shape[-1])                                 # (M, K)
     # the interpreter's bf16 tl.dot returns garbage (docs/nf4.md): on CPU bf16 takes the dense path
     interpreted_bf16 = x.device.type == "cpu" and x.dtype == torch.bfloat16
-    if x2d.shape[0] <= FUSED_MAX_M and not interpreted_bf16 and _dispatch.use_triton(x2d, q.packed):
+    if x2d.shape[0] <= FUSED_MAX_M and _dispatch.meta_takes_kernels(x2d, q.packed):
+        out = x2d.new_empty((x2d.shape[0], q.shape[0]))  # the fused kernel allocates its output alone
+    elif x2d.shape[0] <= FUSED_MAX_M and not interpreted_bf16 and _dispatch.use_triton(x2d, q.packed):
         out = _launch_fused_linear(x2d, q, bias)
     else:
         out = torch.nn.functional.linear(x2d, _dense(q, x.dtype), bias)

@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from . import _dispatch
 from ._dispatch import interpreter_enabled, launching_on, use_triton
 from .reference.attention import prefix_attention_reference
 
@@ -664,8 +665,8 @@ def prefix_attention(
         and head_dim <= _MAX_HEAD_DIM
         # The interpreter's bf16 tl.dot returns garbage: bf16 on CPU always takes the reference.
         and not (q.device.type == "cpu" and q.dtype == torch.bfloat16)
-        and use_triton(q, k, v, prefix_k, prefix_v, kv_lens)
-        and _kernel_runs_on(q.device)
+        and (_dispatch.meta_takes_kernels(q, k, v, prefix_k, prefix_v, kv_lens)
+             or use_triton(q, k, v, prefix_k, prefix_v, kv_lens) and _kernel_runs_on(q.device))
     )
     if not on_kernel:
         return prefix_attention_reference(

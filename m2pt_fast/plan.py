@@ -1,0 +1,307 @@
+"""Will a training run fit on a GPU? Peak memory by micro-batch, counted at full size on a CPU.
+
+    python -m m2pt_fast.plan --shape llava-1.5-7b --gpu_memory 24GiB
+    python -m m2pt_fast.plan --model_name_or_path DIR --gpu_memory 24GiB --model_max_length 2048 --quant nf4 \\
+        --method m2pt --per_device_train_batch_size 8 [--json]
+
+The model is built on the meta device (a named shape, or a transformers LLaVA directory's config.json:
+no weight is read) and trained there under m2pt_fast.memory's count (one step after the optimizer's
+states exist: a later step's peak), with checkpointing off and on, at each micro-batch of the table;
+the largest that fits is found between two counted ones, exactly (m2pt_fast.memory.Extrapolation),
+or by further counts. A micro-batch fits when
+
+    counted peak × (1 + fragmentation) + margin ≤ GPU memory,
+
+margin (default 1 GiB) for what PyTorch's allocator does not hold (the CUDA context, cuBLAS
+workspaces) and fragmentation (default 10%) for the allocator's cached but unused blocks; both are
+options. DeepSpeed's bf16 training also keeps an fp32 master, fp32 gradients and fp32 Adam states of
+every trained parameter where the count has the parameter's own dtype: 12 bytes per trained
+parameter are added for it (docs/memory.md). Every sample is taken at --model_max_length tokens with
+every text token labelled, the most a batch can hold.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from m2pt_fast import memory
+
+GIB = 2**30
+DEEPSPEED_BF16_BYTES_PER_TRAINED_PARAMETER = 12  # fp32 master 4 + fp32 gradient 4 + fp32 Adam states 8 − bf16 states 4
+DEFAULT_MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
+
+
+def parse_bytes(text: str) -> int:
+    """'24GiB', '24 GB', '80G', '1.5TiB', '1073741824' -> bytes (G/GiB binary, GB decimal)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B?)\s*", text, flags=re.IGNORECASE)
+    if not match or (match.group(2) == "" and match.group(3) != ""):
+        raise argparse.ArgumentTypeError(f"not a memory size: {text!r} (e.g. 24GiB, 80GB, 40G)")
+    value, prefix, suffix = float(match.group(1)), match.group(2).upper(), match.group(3).upper()
+    power = "KMGT".find(prefix) + 1 if prefix else 0
+    base = 1000 if suffix == "B" and prefix else 1024
+    return int(value * base**power)
+
+
+@dataclasses.dataclass
+class PlanRequest:
+    shape: str | None = "llava-1.5-7b"
+    model_name_or_path: str | None = None
+    gpu_memory: int = 24 * GIB
+    model_max_length: int = 2048
+    answer_tokens: int | None = None  # None: every text token
+    quant: str = "nf4"
+    method: str = "m2pt"
+    num_vision_prompts: int | None = None
+    num_text_prompts: int | None = None
+    backend: str = "fused"
+    per_device_train_batch_size: int = 8
+    micro_batches: tuple[int, ...] = DEFAULT_MICRO_BATCHES
+    margin: int = GIB
+    fragmentation: float = 0.10
+    deepspeed: bool = True
+
+
+def _llava_config(request: PlanRequest):
+    from m2pt_fast.builders import llava_config
+
+    if request.model_name_or_path is None:
+        return llava_config(request.shape), request.shape
+    path = Path(request.model_name_or_path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{str(path)!r} has no config.json (a transformers LLaVA directory; nothing is downloaded)")
+    config = json.loads(config_file.read_text())
+    if config.get("model_type") != "llava":
+        raise ValueError(f"{config_file}: model_type {config.get('model_type')!r}; the planner reads transformers' "
+                         "LLaVA configs (model_type 'llava'); for LLaVA's own layout pick the --shape it has")
+    from transformers import LlavaConfig
+
+    return LlavaConfig.from_dict({k: v for k, v in config.items() if k != "quantization_config"}), path.name
+
+
+def build_on_meta(request: PlanRequest):
+    """The model of `request`, trainable as the trainer makes it, on meta; and a description."""
+    from m2pt_fast.builders import build_llava
+    from m2pt_fast.methods import apply_method, default_prompt_counts
+
+    config, name = _llava_config(request)
+    llava = build_llava(config, device="meta", dtype=torch.bfloat16)
+    if request.quant == "nf4":
+        from m2pt_fast.quantize import quantize_model
+
+        quantize_model(llava)
+    elif request.quant != "bf16":
+        raise ValueError(f"--quant must be nf4 or bf16, got {request.quant!r}")
+    vision, text = default_prompt_counts(request.method)
+    vision = vision if request.num_vision_prompts is None else request.num_vision_prompts
+    text = text if request.num_text_prompts is None else request.num_text_prompts
+    model = apply_method(llava, request.method, num_vision_prompts=vision, num_text_prompts=text,
+                         backend=request.backend)
+    model.train()
+    return model, name, (vision, text)
+
+
+def _batch_maker(model, request: PlanRequest, micro_batch: int):
+    image = model.image_seq_length
+    text = request.model_max_length - 1 - image
+    if text < 1:
+        raise ValueError(f"--model_max_length {request.model_max_length} leaves no text after BOS and the image's "
+                         f"{image} tokens")
+    answer = text if request.answer_tokens is None else min(request.answer_tokens, text)
+    vocab = model.llava.config.text_config.vocab_size
+
+    def make():
+        ids = torch.cat([torch.ones(micro_batch, 1, dtype=torch.long),
+                         torch.full((micro_batch, image), model.image_token_id),
+                         torch.randint(2, min(vocab, model.image_token_id), (micro_batch, text),
+                                       generator=torch.Generator().manual_seed(0))], dim=1)
+        labels = torch.full_like(ids, -100)
+        labels[:, -answer:] = ids[:, -answer:]
+        meta = torch.device("meta")
+        pixels = torch.empty(micro_batch, 3, model.image_size, model.image_size, dtype=torch.bfloat16, device=meta)
+        return dict(input_ids=ids.to(meta), pixel_values=pixels, attention_mask=torch.ones_like(ids).to(meta),
+                    labels=labels.to(meta))
+
+    return make
+
+
+def _count(model, request: PlanRequest, micro_batch: int, *, checkpointing: bool) -> memory.MemoryReport:
+    """One step after the optimizer's states exist (memory.warm_optimizer): a later step's peak."""
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    else:
+        model.gradient_checkpointing_disable()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    memory.warm_optimizer(optimizer)
+    return memory.count_steps(model, optimizer, _batch_maker(model, request, micro_batch), steps=1, timeline=True)
+
+
+def plan(request: PlanRequest, progress=None) -> dict:
+    """Peak memory by micro-batch with checkpointing off and on, what fits, and what to pass."""
+    start = time.perf_counter()
+    model, name, (vision, text) = build_on_meta(request)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    extra = DEEPSPEED_BF16_BYTES_PER_TRAINED_PARAMETER * trained if request.deepspeed else 0
+    usable = (request.gpu_memory - request.margin) / (1 + request.fragmentation)
+    settings, counts = {}, {}
+    for checkpointing in (False, True):
+        key = "on" if checkpointing else "off"
+        counts[key] = memory.PeaksByMicroBatch(functools.partial(_count, model, request, checkpointing=checkpointing),
+                                               progress=progress, label=f"checkpointing {key}")
+        peaks = {b: counts[key][b].peak_bytes + extra for b in request.micro_batches}
+        settings[key] = {
+            "peak_bytes": peaks,
+            "fits": {b: peak <= usable for b, peak in peaks.items()},
+            "max_micro_batch": counts[key].largest_within(usable - extra),
+        }
+    target = request.per_device_train_batch_size
+    off, on = settings["off"]["max_micro_batch"], settings["on"]["max_micro_batch"]
+    if off >= target:
+        advice = dict(per_device_train_batch_size=target, gradient_checkpointing=False, gradient_accumulation_steps=1)
+    elif on >= target:
+        advice = dict(per_device_train_batch_size=target, gradient_checkpointing=True, gradient_accumulation_steps=1)
+    elif on >= 1:
+        advice = dict(per_device_train_batch_size=on, gradient_checkpointing=True,
+                      gradient_accumulation_steps=math.ceil(target / on))
+    else:
+        advice = None
+    chosen = advice or dict(per_device_train_batch_size=1, gradient_checkpointing=True)
+    detail = counts["on" if chosen["gradient_checkpointing"] else "off"][chosen["per_device_train_batch_size"]]
+    breakdown = dict(detail.breakdown)
+    if extra:
+        breakdown["DeepSpeed bf16 state (estimate)"] = extra
+    return {
+        "model": name, "method": request.method, "backend": model.backend, "quant": request.quant,
+        "prompts": {"vision": vision, "text": text}, "trained_parameters": trained,
+        "model_max_length": request.model_max_length, "image_tokens": model.image_seq_length,
+        "gpu_memory_bytes": request.gpu_memory, "margin_bytes": request.margin,
+        "fragmentation": request.fragmentation, "usable_peak_bytes": int(usable),
+        "checkpointing": settings, "advice": advice,
+        "breakdown": {"micro_batch": chosen["per_device_train_batch_size"],
+                      "gradient_checkpointing": chosen["gradient_checkpointing"],
+                      "peak_bytes": detail.peak_bytes + extra, "peak_phase": detail.peak_phase,
+                      "bytes": breakdown},
+        "counts": {key: sorted(c.reports) for key, c in counts.items()},
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
+def render(result: dict) -> str:
+    off, on = result["checkpointing"]["off"], result["checkpointing"]["on"]
+    lines = [
+        f"{result['model']} · {result['method']} ({result['backend']}) · {result['quant']} backbone · "
+        f"prompts {result['prompts']['vision']}+{result['prompts']['text']} · "
+        f"{result['trained_parameters']:,} trained parameters",
+        f"{result['model_max_length']} tokens per sample ({result['image_tokens']} image), every text token labelled; "
+        f"GPU {_gib(result['gpu_memory_bytes'])}: fits when peak × {1 + result['fragmentation']:.2f} + "
+        f"{_gib(result['margin_bytes'])} ≤ it (peak ≤ {_gib(result['usable_peak_bytes'])})",
+        "",
+        "| micro-batch | checkpointing off | checkpointing on |",
+        "| ---: | ---: | ---: |",
+    ]
+    for b in off["peak_bytes"]:
+        cells = [f"{_gib(s['peak_bytes'][b])} {'fits' if s['fits'][b] else 'no'}" for s in (off, on)]
+        lines.append(f"| {b} | {cells[0]} | {cells[1]} |")
+    lines.append(f"| largest that fits | {off['max_micro_batch']} | {on['max_micro_batch']} |")
+    lines.append("")
+    advice = result["advice"]
+    if advice is None:
+        lines.append("does not fit: even micro-batch 1 with checkpointing needs more (see the breakdown)")
+    else:
+        flags = f"--per_device_train_batch_size {advice['per_device_train_batch_size']}"
+        if advice["gradient_checkpointing"]:
+            flags += " --gradient_checkpointing"
+        if advice["gradient_accumulation_steps"] > 1:
+            flags += f" --gradient_accumulation_steps {advice['gradient_accumulation_steps']}"
+        lines.append(f"use: {flags}")
+    detail = result["breakdown"]
+    lines.append(f"peak at micro-batch {detail['micro_batch']}, checkpointing "
+                 f"{'on' if detail['gradient_checkpointing'] else 'off'}: {_gib(detail['peak_bytes'])} "
+                 f"(in {detail['peak_phase']})")
+    for category, n in sorted(detail["bytes"].items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {category:<32} {_gib(n):>11}")
+    lines.append(f"(counted in {result['seconds']} s)")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    from m2pt_fast.builders import NAMED_CONFIGS
+    from m2pt_fast.methods import METHODS
+
+    parser = argparse.ArgumentParser(prog="python -m m2pt_fast.plan", description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--shape", choices=sorted(NAMED_CONFIGS), help="a named model shape (default llava-1.5-7b)")
+    source.add_argument("--model_name_or_path", help="a local transformers LLaVA directory (its config.json only)")
+    parser.add_argument("--gpu_memory", type=parse_bytes, default=24 * GIB, help="e.g. 24GiB (default), 80GB")
+    parser.add_argument("--model_max_length", type=int, default=2048, help="tokens per sample (default 2048)")
+    parser.add_argument("--answer_tokens", type=int, help="labelled tokens per sample (default: every text token)")
+    parser.add_argument("--quant", choices=("nf4", "bf16"), default="nf4")
+    parser.add_argument("--method", choices=METHODS, default="m2pt")
+    parser.add_argument("--num_vision_prompts", type=int)
+    parser.add_argument("--num_text_prompts", type=int)
+    parser.add_argument("--backend", choices=("fused", "reference"), default="fused")
+    parser.add_argument("--per_device_train_batch_size", type=int, default=8, help="the micro-batch you want (default 8)")
+    parser.add_argument("--micro_batches", default=",".join(map(str, DEFAULT_MICRO_BATCHES)),
+                        help="the table's rows (default %(default)s)")
+    parser.add_argument("--margin", type=parse_bytes, default=GIB, help="outside the allocator (default 1GiB)")
+    parser.add_argument("--fragmentation", type=float, default=0.10, help="allocator slack (default 0.10)")
+    parser.add_argument("--no_deepspeed", action="store_true", help="plain AdamW: no fp32 master state added")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    return parser
+
+
+def request_from_args(argv=None) -> tuple[PlanRequest, bool]:
+    """(the request, whether --json was given) from the command line."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        micro_batches = tuple(int(b) for b in args.micro_batches.split(",") if b.strip())
+    except ValueError:
+        parser.error(f"--micro_batches takes comma-separated integers, got {args.micro_batches!r}")
+    for flag, value in (("--model_max_length", args.model_max_length),
+                        ("--per_device_train_batch_size", args.per_device_train_batch_size)):
+        if value < 1:
+            parser.error(f"{flag} must be positive, got {value}")
+    if not micro_batches or min(micro_batches) < 1:
+        parser.error("--micro_batches must list positive integers")
+    if args.fragmentation < 0:
+        parser.error("--fragmentation must be >= 0")
+    if args.margin >= args.gpu_memory:
+        parser.error(f"--margin {args.margin} leaves nothing of --gpu_memory {args.gpu_memory}")
+    return PlanRequest(
+        shape=args.shape or (None if args.model_name_or_path else "llava-1.5-7b"),
+        model_name_or_path=args.model_name_or_path, gpu_memory=args.gpu_memory,
+        model_max_length=args.model_max_length, answer_tokens=args.answer_tokens, quant=args.quant,
+        method=args.method, num_vision_prompts=args.num_vision_prompts, num_text_prompts=args.num_text_prompts,
+        backend=args.backend, per_device_train_batch_size=args.per_device_train_batch_size,
+        micro_batches=micro_batches, margin=args.margin, fragmentation=args.fragmentation,
+        deepspeed=not args.no_deepspeed,
+    ), args.json
+
+
+def main(argv=None) -> int:
+    request, as_json = request_from_args(argv)
+    try:
+        result = plan(request, progress=lambda text: print(f"[plan] {text}", file=sys.stderr, flush=True))
+    except (FileNotFoundError, ValueError) as error:
+        print(f"python -m m2pt_fast.plan: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2) if as_json else render(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
