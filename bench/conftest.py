@@ -102,13 +102,51 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     machine_info["m2pt"] = RUN_INFO
 
 
-HEADLINE_KEYS = ("samples_per_s", "tokens_per_s", "peak_mem_bytes", "mfu", "max_microbatch_24gib")
+HEADLINE_KEYS = ("samples_per_s", "tokens_per_s", "peak_mem_bytes", "counted_peak_bytes", "mfu", "max_microbatch_24gib")
+
+
+def write_memory_figures(workloads) -> Path | None:
+    """The counted headline memory (bench/test_bench_memory.py) to bench/results/memory-<date>.json,
+    on any machine (a count, not a measurement), once both sides and both searches are in."""
+    found = workloads.MEMORY_RESULTS
+    need = ("ckpt", "no-ckpt", "max_microbatch_24gib_ckpt", "max_microbatch_24gib_no-ckpt")
+    if not all(key in found.get(p, {}) for p in ("ours", "baseline") for key in need):
+        return None
+    import json
+
+    shape = workloads.HEADLINE
+
+    def side(p):
+        return {"peak_bytes": found[p]["ckpt"]["peak_bytes"],
+                "max_microbatch_24gib": found[p]["max_microbatch_24gib_ckpt"],
+                "peak_phase": found[p]["ckpt"]["peak_phase"], "breakdown": found[p]["ckpt"]["breakdown"],
+                "no_checkpointing": {**found[p]["no-ckpt"],
+                                     "max_microbatch_24gib": found[p]["max_microbatch_24gib_no-ckpt"]}}
+
+    figures = {
+        "shape": {k: str(v) for k, v in vars(shape).items()},
+        "commit": RUN_INFO["commit"], "date": RUN_INFO["date"], "micro_batch": shape.batch,
+        "gradient_checkpointing": True,
+        "ours": side("ours"), "baseline": side("baseline"),
+        "ratio": found["ours"]["ckpt"]["peak_bytes"] / found["baseline"]["ckpt"]["peak_bytes"],
+        "ratio_no_checkpointing": found["ours"]["no-ckpt"]["peak_bytes"] / found["baseline"]["no-ckpt"]["peak_bytes"],
+        "counted_on": "meta (m2pt_fast.memory: the CUDA allocator's view, kernels as on a GPU; docs/memory.md)",
+        "versions": RUN_INFO["versions"],
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"memory-{RUN_INFO['date'][:10]}.json"
+    path.write_text(json.dumps(figures, indent=2))
+    return path
 
 
 def pytest_sessionfinish(session):
-    """On a GPU, the ours-vs-baseline step figures also go to headline-<gpu>-<date>.json."""
+    """The counted memory figures (any machine) to memory-<date>.json; on a GPU, the ours-vs-baseline
+    step figures also go to headline-<gpu>-<date>.json."""
     workloads = sys.modules.get("workloads")
-    if workloads is None or not torch.cuda.is_available():
+    if workloads is None:
+        return
+    write_memory_figures(workloads)
+    if not torch.cuda.is_available():
         return
     found = {p: workloads.headline_figures(workloads.HEADLINE_RESULTS.get(p, {})) for p in ("ours", "baseline")}
     if not all(found.values()):

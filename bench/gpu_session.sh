@@ -22,9 +22,9 @@ cd "$(dirname "$0")/.."
 # name | time limit (s) | what it runs (priority order: the figures that matter most come first)
 STAGES=(
     "versions|15|versions and device"
-    "correctness|140|CUDA correctness: both kernels in bf16/fp16 at real shapes, fused vs reference"
-    "kernels|90|prefix-attention and NF4 kernel benches"
-    "step|140|the headline step, ours vs baseline: micro-batch 8, samples/s, peak memory, MFU"
+    "correctness|130|CUDA correctness: both kernels in bf16/fp16 at real shapes, fused vs reference"
+    "kernels|85|prefix-attention and NF4 kernel benches"
+    "step|160|the headline step, ours vs baseline: micro-batch 8, samples/s, peak memory against its count, MFU"
     "search|65|the largest micro-batch within 24 GiB, ours vs baseline"
 )
 # 8 minutes less what the wheel install, the kill grace of a timed-out stage and the summary take

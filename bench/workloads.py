@@ -18,6 +18,8 @@ from m2pt_fast import apply_m2pt, build_llava
 
 # provider -> {"steps": {"ckpt" | "no-ckpt": figures}, "max_microbatch_24gib": n}, filled by the benches
 HEADLINE_RESULTS: dict[str, dict] = {}
+# provider -> {"ckpt" | "no-ckpt": counted peak and breakdown, "max_microbatch_24gib": n}: test_bench_memory
+MEMORY_RESULTS: dict[str, dict] = {}
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,8 @@ def _bnb_params_on_meta(out_features: int, in_features: int, dtype: torch.dtype)
     meta = dict(device="meta")
     nested = QuantState(absmax=torch.empty(-(-blocks // 256), dtype=torch.float32, **meta),
                         code=torch.empty(256, dtype=torch.float32, **meta), blocksize=256, dtype=torch.float32)
-    state = QuantState(absmax=torch.empty(blocks, dtype=torch.uint8, **meta), shape=torch.Size((out_features, in_features)),
+    state = QuantState(absmax=torch.empty(blocks, dtype=torch.uint8, **meta),
+                       shape=torch.Size((out_features, in_features)),
                        code=torch.empty(16, dtype=torch.float32, **meta), blocksize=64, quant_type="nf4", dtype=dtype,
                        offset=torch.empty((), dtype=torch.float32, **meta), state2=nested)
     return bnb.nn.Params4bit(torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, **meta), requires_grad=False,
@@ -124,6 +127,23 @@ def build(provider: str, shape: StepShape, device: str, checkpointing: bool = Tr
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=7e-4)
     return model, optimizer
+
+
+def count_memory(shape: StepShape, provider: str, checkpointing: bool, micro_batch: int | None = None, *,
+                 warm: bool = False, timeline: bool = False):
+    """The peak memory of `provider`'s training steps at `shape`, counted on meta (m2pt_fast.memory):
+    two steps of a fresh model, as the GPU bench measures them, or one after warm_optimizer."""
+    from m2pt_fast import memory
+
+    model, optimizer = build(provider, shape, "meta", checkpointing=checkpointing)
+    if warm:
+        memory.warm_optimizer(optimizer)
+
+    def batch():
+        ids, pixels, mask, labels = make_batch(model, shape, batch=micro_batch)
+        return dict(input_ids=ids, pixel_values=pixels, attention_mask=mask, labels=labels)
+
+    return memory.count_steps(model, optimizer, batch, steps=1 if warm else 2, timeline=timeline)
 
 
 def headline_figures(results: dict) -> dict:

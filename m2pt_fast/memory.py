@@ -303,8 +303,9 @@ def count_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
     On meta (the model and batch built there): the peak a CUDA GPU's allocator would report, kernels
     as on a GPU. On another device: that device's ops as they run (`block` 1 by default, for
     comparison with the CPU allocator). Two steps by default: the second starts with the optimizer
-    states the first created, as every later step does (one step after `warm_optimizer` is the same). On meta, `batch` is a function that makes
-    it (inside the count, where integer meta tensors keep their values: token ids, masks, labels).
+    states the first created, as every later step does (one step after `warm_optimizer` is the
+    same). On meta, `batch` is a function that makes it (inside the count, where integer meta
+    tensors keep their values: token ids, masks, labels).
     """
     from m2pt_kernels import _dispatch
 
@@ -422,12 +423,24 @@ class PeaksByMicroBatch:
             self.reports[micro_batch] = self.count(micro_batch)
         return self.reports[micro_batch]
 
+    def _guess(self, limit: float, cap: int) -> int | None:
+        """Extrapolation from the counts at 2 and 3 (micro-batch 1 can take other code paths)."""
+        low, high = self[2], self[3]
+        if low.timeline is None or high.timeline is None or len(low.timeline) != len(high.timeline):
+            return None
+        return max(1, min(cap, Extrapolation(2, low, 3, high).largest_within(limit, cap)))
+
     def largest_within(self, limit: float, cap: int = 1024) -> int:
-        """The largest micro-batch (at most `cap`) whose counted peak is at most `limit` (0 if even 1 is not): the
-        sizes counted so far bracket it; between two counts that allocated alike Extrapolation gives
-        it exactly, elsewhere (the fused loss's chunk count can differ) further counts bisect."""
+        """The largest micro-batch (at most `cap`) whose counted peak is at most `limit`, 0 if even 1
+        is not. The line through the counts at 2 and 3 guesses it, and counts on either side confirm
+        the guess; failing that, the sizes counted so far bracket it, Extrapolation gives it between
+        two counts that allocated alike, and further counts bisect where they did not (the fused
+        loss's chunk count can differ)."""
         if self[1].peak_bytes > limit:
             return 0
+        guess = self._guess(limit, cap)
+        if guess is not None and guess < cap and self[guess].peak_bytes <= limit < self[guess + 1].peak_bytes:
+            return guess  # the straight line through two counts, confirmed by counting either side
         sizes = sorted(self.reports)
         low = max(b for b in sizes if self[b].peak_bytes <= limit)
         high = next((b for b in sizes if b > low), None)

@@ -33,6 +33,7 @@ from . import fused, reference
 from .attention import route_attention
 from .compat import Cache, GradientCheckpointingLayer, set_layer_checkpointing
 from .generation import generate
+from .lean import set_lean
 
 BACKENDS = ("reference", "fused")
 
@@ -124,7 +125,8 @@ def _official_feature_layer(llava: LlavaForConditionalGeneration, indices: list[
 
 class PromptTuned:
     """What every deep-prompt model here shares: a `backend` attribute ("reference" or "fused") that
-    can be switched between calls, and activation checkpointing of the frozen model's layers.
+    can be switched between calls (the fused one also runs the frozen model's norms and MLP
+    activations through m2pt_fast.lean), and activation checkpointing of the frozen model's layers.
     Subclasses name that model in `frozen_model`."""
 
     frozen_model: nn.Module
@@ -145,6 +147,9 @@ class PromptTuned:
         if value not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
         self._backend = value
+        frozen = getattr(self, "frozen_model", None)
+        if frozen is not None:  # the fused path's norms and activations save less (m2pt_fast/lean.py)
+            set_lean(frozen, value == "fused")
 
 
 def set_gradient_checkpointing(root: nn.Module, every_n_layers: int | None) -> None:

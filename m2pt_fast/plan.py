@@ -22,6 +22,7 @@ every text token labelled, the most a batch can hold.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import functools
 import json
@@ -36,7 +37,8 @@ import torch
 from m2pt_fast import memory
 
 GIB = 2**30
-DEEPSPEED_BF16_BYTES_PER_TRAINED_PARAMETER = 12  # fp32 master 4 + fp32 gradient 4 + fp32 Adam states 8 − bf16 states 4
+# fp32 master 4 + fp32 gradient 4 + fp32 Adam states 8, less the bf16 states the count has (4)
+DEEPSPEED_BF16_BYTES_PER_TRAINED_PARAMETER = 12
 DEFAULT_MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
 
 
@@ -78,7 +80,8 @@ def _llava_config(request: PlanRequest):
     path = Path(request.model_name_or_path)
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{str(path)!r} has no config.json (a transformers LLaVA directory; nothing is downloaded)")
+        raise FileNotFoundError(f"{str(path)!r} has no config.json (a transformers LLaVA directory; "
+                                "nothing is downloaded)")
     config = json.loads(config_file.read_text())
     if config.get("model_type") != "llava":
         raise ValueError(f"{config_file}: model_type {config.get('model_type')!r}; the planner reads transformers' "
@@ -88,35 +91,46 @@ def _llava_config(request: PlanRequest):
     return LlavaConfig.from_dict({k: v for k, v in config.items() if k != "quantization_config"}), path.name
 
 
-def build_on_meta(request: PlanRequest):
-    """The model of `request`, trainable as the trainer makes it, on meta; and a description."""
+def meta_model(config, *, quant: str, method: str, num_vision_prompts: int, num_text_prompts: int,
+               backend: str = "fused", dtype: torch.dtype = torch.bfloat16, **method_options):
+    """A LLaVA of `config` on meta, its backbone in `quant` (nf4 or dense), made trainable by
+    `method` as the trainer makes it (methods.apply_method; `method_options` go there too)."""
     from m2pt_fast.builders import build_llava
-    from m2pt_fast.methods import apply_method, default_prompt_counts
+    from m2pt_fast.methods import apply_method
 
-    config, name = _llava_config(request)
-    llava = build_llava(config, device="meta", dtype=torch.bfloat16)
-    if request.quant == "nf4":
+    llava = build_llava(copy.deepcopy(config), device="meta", dtype=dtype)
+    if quant == "nf4":
         from m2pt_fast.quantize import quantize_model
 
         quantize_model(llava)
-    elif request.quant != "bf16":
-        raise ValueError(f"--quant must be nf4 or bf16, got {request.quant!r}")
+    elif quant not in ("bf16", "fp32"):
+        raise ValueError(f"--quant must be nf4 or bf16, got {quant!r}")
+    model = apply_method(llava, method, num_vision_prompts=num_vision_prompts, num_text_prompts=num_text_prompts,
+                         backend=backend, **method_options)
+    model.train()
+    return model
+
+
+def build_on_meta(request: PlanRequest):
+    """The model of `request`, trainable as the trainer makes it, on meta; and a description."""
+    from m2pt_fast.methods import default_prompt_counts
+
+    config, name = _llava_config(request)
     vision, text = default_prompt_counts(request.method)
     vision = vision if request.num_vision_prompts is None else request.num_vision_prompts
     text = text if request.num_text_prompts is None else request.num_text_prompts
-    model = apply_method(llava, request.method, num_vision_prompts=vision, num_text_prompts=text,
-                         backend=request.backend)
-    model.train()
+    model = meta_model(config, quant=request.quant, method=request.method, num_vision_prompts=vision,
+                       num_text_prompts=text, backend=request.backend)
     return model, name, (vision, text)
 
 
-def _batch_maker(model, request: PlanRequest, micro_batch: int):
+def _batch_maker(model, model_max_length: int, answer_tokens: int | None, micro_batch: int):
     image = model.image_seq_length
-    text = request.model_max_length - 1 - image
+    text = model_max_length - 1 - image
     if text < 1:
-        raise ValueError(f"--model_max_length {request.model_max_length} leaves no text after BOS and the image's "
+        raise ValueError(f"--model_max_length {model_max_length} leaves no text after BOS and the image's "
                          f"{image} tokens")
-    answer = text if request.answer_tokens is None else min(request.answer_tokens, text)
+    answer = text if answer_tokens is None else min(answer_tokens, text)
     vocab = model.llava.config.text_config.vocab_size
 
     def make():
@@ -127,7 +141,8 @@ def _batch_maker(model, request: PlanRequest, micro_batch: int):
         labels = torch.full_like(ids, -100)
         labels[:, -answer:] = ids[:, -answer:]
         meta = torch.device("meta")
-        pixels = torch.empty(micro_batch, 3, model.image_size, model.image_size, dtype=torch.bfloat16, device=meta)
+        dtype = model.llava.lm_head.weight.dtype  # never quantized: the dense dtype
+        pixels = torch.empty(micro_batch, 3, model.image_size, model.image_size, dtype=dtype, device=meta)
         return dict(input_ids=ids.to(meta), pixel_values=pixels, attention_mask=torch.ones_like(ids).to(meta),
                     labels=labels.to(meta))
 
@@ -136,13 +151,23 @@ def _batch_maker(model, request: PlanRequest, micro_batch: int):
 
 def _count(model, request: PlanRequest, micro_batch: int, *, checkpointing: bool) -> memory.MemoryReport:
     """One step after the optimizer's states exist (memory.warm_optimizer): a later step's peak."""
+    return count_step(model, micro_batch, checkpointing=checkpointing, model_max_length=request.model_max_length,
+                      answer_tokens=request.answer_tokens)
+
+
+def count_step(model, micro_batch: int, *, checkpointing: bool, model_max_length: int,
+               answer_tokens: int | None = None) -> memory.MemoryReport:
+    """The counted peak of a training step of `model` (on meta) at `micro_batch` samples of
+    `model_max_length` tokens, the last `answer_tokens` of each labelled (default: every text token),
+    once the optimizer's states exist (memory.warm_optimizer)."""
     if checkpointing:
         model.gradient_checkpointing_enable()
     else:
         model.gradient_checkpointing_disable()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     memory.warm_optimizer(optimizer)
-    return memory.count_steps(model, optimizer, _batch_maker(model, request, micro_batch), steps=1, timeline=True)
+    batch = _batch_maker(model, model_max_length, answer_tokens, micro_batch)
+    return memory.count_steps(model, optimizer, batch, steps=1, timeline=True)
 
 
 def plan(request: PlanRequest, progress=None) -> dict:
@@ -193,6 +218,16 @@ def plan(request: PlanRequest, progress=None) -> dict:
         "counts": {key: sorted(c.reports) for key, c in counts.items()},
         "seconds": round(time.perf_counter() - start, 1),
     }
+
+
+def estimate_run(config, *, micro_batch: int, checkpointing: bool, model_max_length: int, deepspeed: bool = True,
+                 **model_options) -> tuple[memory.MemoryReport, int]:
+    """The counted peak of one training step of a run (the trainer's own settings; model_options as
+    meta_model takes them) and the DeepSpeed bf16 state added for its trained parameters."""
+    model = meta_model(config, **model_options)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    report = count_step(model, micro_batch, checkpointing=checkpointing, model_max_length=model_max_length)
+    return report, DEEPSPEED_BF16_BYTES_PER_TRAINED_PARAMETER * trained if deepspeed else 0
 
 
 def _gib(n: float) -> str:
@@ -253,7 +288,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_vision_prompts", type=int)
     parser.add_argument("--num_text_prompts", type=int)
     parser.add_argument("--backend", choices=("fused", "reference"), default="fused")
-    parser.add_argument("--per_device_train_batch_size", type=int, default=8, help="the micro-batch you want (default 8)")
+    parser.add_argument("--per_device_train_batch_size", type=int, default=8,
+                        help="the micro-batch you want (default 8)")
     parser.add_argument("--micro_batches", default=",".join(map(str, DEFAULT_MICRO_BATCHES)),
                         help="the table's rows (default %(default)s)")
     parser.add_argument("--margin", type=parse_bytes, default=GIB, help="outside the allocator (default 1GiB)")

@@ -223,6 +223,27 @@ class M2PTRecipe:
         self.parameter_report = trainable_report(self.model)
         log.info("method %s, backend %s, %s backbone\n%s", cfg.method, self.model.backend, self.quant,
                  self.parameter_report)
+        if cfg.estimate_memory if cfg.estimate_memory is not None else self.device.type == "cuda":
+            self._log_memory_estimate()
+
+    def _log_memory_estimate(self) -> None:
+        """The planner's count (m2pt_fast.plan) for this run's model and options, on meta: seconds."""
+        from m2pt_fast import plan
+
+        cfg = self.cfg
+        report, extra = plan.estimate_run(
+            self.model.llava.config, micro_batch=cfg.per_device_train_batch_size,
+            checkpointing=cfg.gradient_checkpointing, model_max_length=cfg.model_max_length, deepspeed=self.bf16,
+            quant=self.quant, dtype=torch.bfloat16 if self.bf16 or self.quant == "bf16" else torch.float32,
+            method=cfg.method, num_vision_prompts=cfg.num_vision_prompts, num_text_prompts=cfg.num_text_prompts,
+            backend=self.model.backend, tune_projector=cfg.tune_projector, tune_lm_head=cfg.tune_lm_head,
+            lora=cfg.lora,
+        )
+        log.info("memory estimate: a step of %d samples x %d tokens (checkpointing %s) peaks at %.2f GiB per device "
+                 "(counted on meta%s; the table: python -m m2pt_fast.plan)", cfg.per_device_train_batch_size,
+                 cfg.model_max_length, "on" if cfg.gradient_checkpointing else "off",
+                 (report.peak_bytes + extra) / 2**30,
+                 f", {extra / 2**30:.2f} GiB of it DeepSpeed's fp32 state of the trained parameters" if extra else "")
 
     def _setup_data(self) -> None:
         cfg = self.cfg

@@ -79,6 +79,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 42
     gradient_checkpointing: bool = False
+    estimate_memory: bool | None = None  # None: on with a GPU
     bf16: bool | None = None  # None: on when a GPU is used
     # --- outputs
     save_steps: int = 0  # 0: only the final prompt file
@@ -262,6 +263,8 @@ _HELP = {
     "image_folder": "where the JSON's image paths point (default: the JSON's directory)",
     "quant": "the frozen backbone's format (default: bf16 on a GPU, fp32 on the CPU)",
     "bf16": "bf16 compute (default: on with a GPU)",
+    "estimate_memory": "log a step's peak GPU memory, counted at start for these options (m2pt_fast.plan; "
+                       "default: on with a GPU)",
     "learning_rate": f"(default {PAPER_LEARNING_RATE}, the paper's, for the prompt methods; 2e-4 for lora and 2e-5 "
                      f"for full, LLaVA's; {EMBEDDED_LEARNING_RATE} for the embedded model)",
     "max_steps": "optimizer steps; -1 (default) runs --num_train_epochs",

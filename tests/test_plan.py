@@ -124,3 +124,19 @@ def test_errors_before_counting(tmp_path, capsys):
 ])
 def test_memory_sizes_parse(text, expected):
     assert plan.parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("asked", [True, False])
+def test_the_trainer_logs_the_estimate_when_asked(tmp_path, asked):
+    import re
+
+    from launch import python_run
+
+    done = python_run(tmp_path / "run", "--max_steps", "1", "--dataloader_num_workers", "0",
+                      "--per_device_train_batch_size", "4", "--gradient_checkpointing",
+                      "--estimate_memory", "true" if asked else "false")
+    found = re.search(r"memory estimate: a step of 4 samples x 2048 tokens \(checkpointing on\) peaks at "
+                      r"([0-9.]+) GiB per device", done.stdout + done.stderr)
+    assert bool(found) == asked
+    if asked:
+        assert float(found.group(1)) > 0

@@ -210,43 +210,20 @@ def _forward(x: torch.Tensor, q: NF4Weight, bias: Optional[torch.Tensor]) -> tor
 
 
 # ---- autograd -----------------------------------------------------------------------------------
-def _checkpointed() -> bool:
-    """True inside an activation-checkpointed region: torch.utils.checkpoint's non-reentrant forward
-    or recompute (its saved-tensor hooks are on top of the stack), or any forward run during a backward
-    pass (the reentrant variant's recompute). These are private torch hooks: if they move, this says
-    False and the only loss is one extra dequantization per layer."""
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    hooks = top(False) if top is not None else None
-    if hooks is not None:
-        name = getattr(hooks[0], "__qualname__", "")
-        if name.startswith(("_checkpoint_hook.", "_recomputation_hook.")):
-            return True
-    task_id = getattr(torch._C, "_current_graph_task_id", None)
-    return task_id is not None and task_id() != -1
-
-
 class _NF4LinearFunction(torch.autograd.Function):
     """y = x @ W.T + b with W frozen in NF4: backward gives dx (and db), never dW.
 
-    With activation checkpointing a layer's weight would be dequantized in forward, in the recompute
-    and in backward. Recompute and backward of a layer run back to back, so on the dequantize path
-    the dense copy is saved for backward inside checkpointed regions: the checkpoint drops it after
-    the forward (it costs nothing there) and the recompute's copy serves the backward, one
-    dequantization fewer per layer for one block's dense weights alive between recompute and
-    backward. Outside checkpointing nothing dense is saved: that would hold the whole model dense.
+    Nothing dense is saved for backward, which dequantizes the weight again: only the packed weight
+    stays between forward and backward. Under activation checkpointing this costs one dequantization
+    more per layer (forward, recompute, backward) than keeping the recompute's dense copy for the
+    backward would, and saves that copy: a decoder block's dense weights, 0.29 GiB of a 7B step's
+    peak at micro-batch 8 (docs/memory.md). Checkpointing is the memory-saving setting, so memory wins.
     """
 
     @staticmethod
     def forward(ctx, x, bias, q):
         ctx.q = q
         ctx.has_bias = bias is not None
-        ctx.keeps_dense = False
-        x2d = x.reshape(-1, x.shape[-1])
-        if x2d.shape[0] > FUSED_MAX_M and _checkpointed():
-            dense = _dense(q, x.dtype)
-            ctx.save_for_backward(dense)
-            ctx.keeps_dense = True
-            return torch.nn.functional.linear(x, dense, bias)
         return _forward(x, q, bias)
 
     @staticmethod
@@ -254,11 +231,8 @@ class _NF4LinearFunction(torch.autograd.Function):
         q = ctx.q
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            dense = ctx.saved_tensors[0] if ctx.keeps_dense else None
-            if dense is None or dense.dtype != grad_out.dtype:
-                dense = _dense(q, grad_out.dtype)
             # dx = dy @ W at every M: backward runs at training shapes, where dequantize + cuBLAS wins
-            grad_x = grad_out @ dense
+            grad_x = grad_out @ _dense(q, grad_out.dtype)
         if ctx.has_bias and ctx.needs_input_grad[1]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         return grad_x, grad_bias, None
