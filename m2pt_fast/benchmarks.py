@@ -17,6 +17,8 @@
   <task>     an M²PT held-out task file <data_dir>/<task>.jsonl (unique_id, image_path, prompt,
              target): cifar_10, cifar_100, mnist, snli_ve_classification, visual_spatial_reasoning,
              text_vqa, pope_adv, pope_pop, pope_rand
+And LLaVA's own question files (evaluate --question_file; `load_llava_questions`): one JSON object per
+line with question_id, image and text, the prompt as LLaVA asks it.
 A malformed record or a missing image costs that question only: it is skipped and counted
 (`LoadReport`); a missing file or folder is an error naming it.
 """
@@ -144,6 +146,39 @@ def load_task(data_dir: Path, task: str, report: LoadReport) -> list[Question]:
             report.skip(f"{task}: a missing image")
             continue
         questions.append(Question(task, uid, path, str(prompt), target, {"question": str(prompt)}))
+    return questions
+
+
+ANSWER_FIELDS = ("answer", "label", "gt_answer")  # where a question file may carry its answer
+
+
+def load_llava_questions(path: Path, image_folder: Path | None, report: LoadReport) -> list[Question]:
+    """A LLaVA question file, as its model_vqa_loader reads one (llava_mme.jsonl, llava_pope_test.jsonl,
+    llava_textvqa_val_v051_ocr.jsonl, ...): question_id, image (relative to `image_folder`, default the
+    file's folder) and text, asked exactly as written, instructions included. The benchmark is named
+    by the file's stem; a record's category is kept; an answer (ANSWER_FIELDS) makes it scorable."""
+    if path.stem in BENCHMARKS or path.stem.startswith(("pope_", "synthetic_")):
+        raise ValueError(f"{path}: a question file named like the built-in benchmark {path.stem!r} would be scored "
+                         "as that one; rename the file")
+    images = image_folder or path.parent
+    questions = []
+    for row in _json_lines(path, report, path.name):
+        try:
+            raw_id, image, text = row["question_id"], row["image"], row["text"]
+        except KeyError:
+            report.skip(f"{path.name}: a record without question_id, image and text")
+            continue
+        if not isinstance(text, str) or not isinstance(image, str):
+            report.skip(f"{path.name}: a record whose image or text is not a string")
+            continue
+        if not (images / image).is_file():
+            report.skip(f"{path.name}: a missing image")
+            continue
+        target = next((row[k] for k in ANSWER_FIELDS if row.get(k) is not None), None)
+        extra = {"question": text, "llava_question_id": raw_id}
+        if row.get("category") is not None:
+            extra["category"] = row["category"]
+        questions.append(Question(path.stem, str(raw_id), images / image, text, target, extra))
     return questions
 
 

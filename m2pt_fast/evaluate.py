@@ -10,7 +10,10 @@ greedy decoding of the model's conversation template (--conv_mode), images prepr
 trained, questions batched with left padding (each layer's prompt K/V computed once per batch).
 Written to --output_dir: predictions.jsonl (one line per question: question_id, prompt, text, target,
 benchmark), scores.json (scores per benchmark, MMAvg, the model, the output, the commit and settings)
-and scores.md (a table). Scoring: m2pt_fast.evaluation.
+and scores.md (a table). Scoring: m2pt_fast.evaluation. LLaVA's own question files (--question_file)
+are asked as written and answered, in addition, into answers/<stem>.jsonl in LLaVA's answer-file
+format (question_id, prompt, text, answer_id, model_id, metadata), which its conversion and scoring
+scripts read; they are scored here only where their records carry the answer.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from pathlib import Path
 import torch
 
 from m2pt_fast.base_model import load_base
-from m2pt_fast.benchmarks import BENCHMARKS, LoadReport, Question, load_benchmark
+from m2pt_fast.benchmarks import BENCHMARKS, LoadReport, Question, load_benchmark, load_llava_questions
 from m2pt_fast.data import ConversationEncoder, ImagePreprocessor
 from m2pt_fast.data.conversation import TEMPLATES
 from m2pt_fast.evaluation import choice_correct, mm_avg, mme_scores, pope_scores, vqa_accuracy
@@ -47,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain_mm_mlp_adapter")
     p.add_argument("--prompts", help="a trained output to evaluate: a prompt file, PEFT adapter or model directory")
     p.add_argument("--benchmark", nargs="+", choices=BENCHMARKS)
+    p.add_argument("--question_file", nargs="+", metavar="FILE",
+                   help="LLaVA question files (question_id, image, text), each a benchmark named by its stem; "
+                        "answers also in LLaVA's answer-file format under <output_dir>/answers/")
     p.add_argument("--data_dir", help="where the benchmarks' files are (docs/evaluation.md)")
     p.add_argument("--compare", nargs="+", metavar="EVAL_DIR",
                    help="put earlier evaluations (their output directories) in one table and one radar plot, "
@@ -152,6 +158,8 @@ def score(benchmark: str, questions: list[Question], predictions: list[str]) -> 
         rows = [{"category": q.extra["category"], "label": q.target, "prediction": p}
                 for q, p in zip(questions, predictions)]
         return pope_scores(rows)[benchmark[5:]]
+    if any(q.target is None for q in questions):  # a question file without answers: answered, not scored
+        return {"accuracy": None, "questions": len(questions)}
     right = [vqa_accuracy(p, q.target) if isinstance(q.target, list)
              else float(choice_correct(p, str(q.target), q.extra.get("options")))
              for q, p in zip(questions, predictions)]
@@ -175,6 +183,8 @@ def _table(scores: dict) -> str:
             rows.append(f"| MME perception / cognition | {value['perception']:.1f} / {value['cognition']:.1f} |")
         elif "f1" in value:
             rows.append(f"| {name} (accuracy / F1) | {100 * value['accuracy']:.2f} / {100 * value['f1']:.2f} |")
+        elif value.get("accuracy") is None:
+            rows.append(f"| {name} ({value['questions']} questions, unscored: answers/{name}.jsonl) | – |")
         else:
             rows.append(f"| {name} (accuracy) | {100 * value['accuracy']:.2f} |")
     if scores.get("mm_avg") is not None:
@@ -231,10 +241,16 @@ def _evaluate(args, rank: int, world: int, device: torch.device) -> dict:
     seed = source.pop("seed")
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    benchmarks, lines = {}, []
-    for name in args.benchmark:
+    benchmarks, lines, answer_files = {}, [], {}
+    sources = [(name, None) for name in args.benchmark or ()] + [(None, f) for f in args.question_file or ()]
+    for name, question_file in sources:
         report = LoadReport()
-        questions = load_benchmark(name, args.data_dir, args.image_folder, report, seed=seed)
+        if question_file is not None:
+            name = Path(question_file).name
+            questions = load_llava_questions(Path(question_file), Path(args.image_folder) if args.image_folder
+                                             else None, report)
+        else:
+            questions = load_benchmark(name, args.data_dir, args.image_folder, report, seed=seed)
         if report.skipped:
             log.warning("%s: skipped %d question(s): %s", name, sum(report.skipped.values()), dict(report.skipped))
         groups: dict[str, list[Question]] = {}
@@ -247,12 +263,16 @@ def _evaluate(args, rank: int, world: int, device: torch.device) -> dict:
             shards = _gather(mine, rank, world)
             predictions = [shards[k % world][k // world] for k in range(len(group))]
             benchmarks[bench] = score(bench, group, predictions)
+            if question_file is not None:
+                answer_files[bench] = [llava_answer(q, p, source["model"], k) for k, (q, p) in
+                                       enumerate(zip(group, predictions))]
             lines += [json.dumps({"question_id": q.question_id, "prompt": q.text, "text": p, "target": q.target,
                                   "benchmark": bench, **{k: v for k, v in q.extra.items() if k != "question"}})
                       for q, p in zip(group, predictions)]
     synthetic = {part: benchmarks.pop(f"synthetic_{part}")["accuracy"] for part in ("seen", "held_out")
                  if f"synthetic_{part}" in benchmarks}
-    held_out = {name: value["accuracy"] for name, value in benchmarks.items() if name != "mme"}
+    held_out = {name: value["accuracy"] for name, value in benchmarks.items()
+                if name != "mme" and value.get("accuracy") is not None}
     pope = [held_out.pop(f"pope_{s}") for s in ("adversarial", "popular", "random") if f"pope_{s}" in held_out]
     if pope:
         held_out["pope"] = sum(pope) / len(pope)
@@ -272,12 +292,26 @@ def _evaluate(args, rank: int, world: int, device: torch.device) -> dict:
         (out_dir / "predictions.jsonl").write_text("".join(line + "\n" for line in lines))
         (out_dir / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
         (out_dir / "scores.md").write_text(_table(scores))
+        for bench, answers in answer_files.items():
+            (out_dir / "answers").mkdir(exist_ok=True)
+            (out_dir / "answers" / f"{bench}.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
     return scores
 
 
-def headline(name: str, value: dict) -> float:
-    """A benchmark's one number, as the paper's table shows it: MME perception, else accuracy in percent."""
-    return value["perception"] if name == "mme" else 100.0 * value["accuracy"]
+def llava_answer(question: Question, prediction: str, model: str, index: int) -> dict:
+    """One line of a LLaVA answer file (what its model_vqa_loader writes): the question's own id, the
+    prompt, the answer text; answer_id is deterministic here (LLaVA draws a random one)."""
+    return {"question_id": question.extra.get("llava_question_id", question.question_id), "prompt": question.text,
+            "text": prediction, "answer_id": f"{question.benchmark}-{index}", "model_id": Path(str(model)).name,
+            "metadata": {}}
+
+
+def headline(name: str, value: dict) -> float | None:
+    """A benchmark's one number, as the paper's table shows it: MME perception, else accuracy in percent
+    (None for an unscored question file)."""
+    if name == "mme":
+        return value["perception"]
+    return None if value.get("accuracy") is None else 100.0 * value["accuracy"]
 
 
 def compare(eval_dirs: list[str], output_dir: str) -> str:
@@ -292,7 +326,9 @@ def compare(eval_dirs: list[str], output_dir: str) -> str:
     names = [b for b in dict.fromkeys(b for _, s in runs for b in s["benchmarks"])]
     rows = ["| benchmark | " + " | ".join(label for label, _ in runs) + " |", "|---" * (len(runs) + 1) + "|"]
     for name in names:
-        cells = [f"{headline(name, s['benchmarks'][name]):.2f}" if name in s["benchmarks"] else "–" for _, s in runs]
+        cells = [f"{headline(name, s['benchmarks'][name]):.2f}"
+                 if name in s["benchmarks"] and headline(name, s["benchmarks"][name]) is not None else "–"
+                 for _, s in runs]
         rows.append(f"| {name}{' (perception)' if name == 'mme' else ''} | " + " | ".join(cells) + " |")
     rows.append("| MMAvg | " + " | ".join(f"{100 * s['mm_avg']:.2f}" if s.get("mm_avg") is not None else "–"
                                          for _, s in runs) + " |")
@@ -310,14 +346,16 @@ def compare(eval_dirs: list[str], output_dir: str) -> str:
         return table
     import math
 
+    names = [n for n in names if any(n in s["benchmarks"] and headline(n, s["benchmarks"][n]) is not None
+                                     for _, s in runs)]  # unscored question files have no axis
     if len(names) >= 3:
         angles = [2 * math.pi * k / len(names) for k in range(len(names))]
-        best = {n: max((headline(n, s["benchmarks"][n]) for _, s in runs if n in s["benchmarks"]), default=0) or 1
-                for n in names}
+        best = {n: max((headline(n, s["benchmarks"][n]) or 0 for _, s in runs if n in s["benchmarks"]), default=0)
+                or 1 for n in names}
         figure = plt.figure(figsize=(6, 6))
         axes = figure.add_subplot(projection="polar")
         for label, s in runs:
-            values = [headline(n, s["benchmarks"][n]) / best[n] if n in s["benchmarks"] else 0 for n in names]
+            values = [(headline(n, s["benchmarks"][n]) or 0) / best[n] if n in s["benchmarks"] else 0 for n in names]
             axes.plot(angles + angles[:1], values + values[:1], label=label)
         axes.set_xticks(angles, names)
         axes.set_yticklabels([])
@@ -337,8 +375,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"evaluate: error: {e}", file=sys.stderr)
             return 2
         return 0
-    if not args.benchmark:
-        print("evaluate: error: --benchmark is required (or --compare EVAL_DIR...)", file=sys.stderr)
+    if not args.benchmark and not args.question_file:
+        print("evaluate: error: --benchmark or --question_file is required (or --compare EVAL_DIR...)", file=sys.stderr)
         return 2
     try:
         scores = evaluate(args)

@@ -45,10 +45,8 @@ ATTENTION = "attention workspace"  # softmax statistics, kernels' scratch
 BACKWARD = "backward temporaries"  # recomputed activations, activation gradients
 CATEGORIES = (FROZEN, TRAINABLE, GRADIENTS, OPTIMIZER, INPUTS, ACTIVATIONS, LOGITS, DEQUANTIZED, ATTENTION,
               BACKWARD)
-
-
-def _bytes(*shape_dtype: tuple) -> int:
-    return sum(_numel(shape) * torch.empty((), dtype=dtype).element_size() for shape, dtype in shape_dtype)
+# a step's phases, by the category of what each makes
+PHASES = {ACTIVATIONS: "forward", BACKWARD: "backward", OPTIMIZER: "optimizer step"}
 
 
 def _numel(shape) -> int:
@@ -76,17 +74,17 @@ def _bnb_gemm_4bit(args, kwargs) -> list[tuple[int, str]]:
 
 
 def _flash_backward(args, kwargs) -> list[tuple[int, str]]:
-    # FlashAttention-2 backward: dq accumulated in fp32 over (B, N rounded to 128, H, D), and the
-    # softmax row sums (B, H, N rounded to 128) in fp32.
+    # FlashAttention-2's backward (PyTorch's flash kernel): dq accumulated in fp32 over (B, H, N
+    # rounded to 128, D rounded to 32), and the softmax row sums (B, H, N rounded to 128) in fp32.
     q = args[1]
     batch, heads, seq, head_dim = q.shape
     rounded = _round_up(seq, 128)
-    return [(batch * rounded * heads * _round_up(head_dim, 8) * 4 + batch * heads * rounded * 4, ATTENTION)]
+    return [(batch * heads * rounded * (_round_up(head_dim, 32) + 1) * 4, ATTENTION)]
 
 
 def _efficient_backward(args, kwargs) -> list[tuple[int, str]]:
-    # memory-efficient attention backward: the softmax row sums (B, H, N) in fp32 (its dq is
-    # accumulated in place); a small overestimate of nothing else
+    # memory-efficient attention backward: the softmax row sums (B, H, N rounded to 32) in fp32;
+    # its other scratch is not modelled
     q = args[1]
     batch, heads, seq, _ = q.shape
     return [(batch * heads * _round_up(seq, 32) * 4, ATTENTION)]
@@ -135,7 +133,7 @@ class MemoryCount(TorchDispatchMode):
                  weight_shapes: Iterable[tuple[int, ...]] = (), workspace: bool = True, timeline: bool = False):
         super().__init__()
         # live bytes after every change (with a kernel's workspace at its height): what
-        # `peak_of_microbatch` extrapolates
+        # Extrapolation reads
         self.timeline = array.array("q") if timeline else None
         self.block = block
         self.vocab_size = vocab_size
@@ -225,8 +223,9 @@ class MemoryCount(TorchDispatchMode):
 
 @dataclasses.dataclass(frozen=True)
 class MemoryReport:
-    """The peak of the counted steps (as `torch.cuda.max_memory_allocated` after them) and what
-    held it, by category; `by_phase` is the peak reached within each phase."""
+    """The peak of the counted steps (as `torch.cuda.max_memory_allocated` after them), the phase it
+    came in (forward, backward, optimizer step) and what held it, by category; `by_phase` is the
+    peak reached within each phase."""
 
     peak_bytes: int
     peak_phase: str
@@ -355,8 +354,9 @@ def count_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
         finally:
             for hook in hooks:
                 hook.remove()
-    return MemoryReport(counter.peak_bytes, counter.peak_phase, dict(counter.peak_by_category),
-                        dict(counter.phase_peaks), steps, counter.timeline)
+    return MemoryReport(counter.peak_bytes, PHASES.get(counter.peak_phase, counter.peak_phase),
+                        dict(counter.peak_by_category),
+                        {PHASES.get(k, k): v for k, v in counter.phase_peaks.items()}, steps, counter.timeline)
 
 
 def warm_optimizer(optimizer: torch.optim.Optimizer) -> None:

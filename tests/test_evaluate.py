@@ -220,3 +220,37 @@ def test_evaluate_synthetic_reports_seen_and_held_out(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert [r["benchmark"] for r in rows] == ["synthetic_seen"] * 6 + ["synthetic_held_out"] * 6
     assert "synthetic, held out" in (tmp_path / "scores.md").read_text()
+
+
+def test_llava_question_files_are_asked_as_written_and_answered_in_llava_s_format(data, tmp_path):
+    # LLaVA's question files: question_id (often an int), image, text (instructions included), category
+    root = tmp_path / "llava"
+    _image(root / "images" / "x.jpg", (200, 10, 10))
+    rows = [{"question_id": 101, "image": "x.jpg", "text": "Is it red?\nAnswer the question using a single word or "
+             "phrase.", "category": "color"},
+            {"question_id": 102, "image": "x.jpg", "text": "Is it blue?"},
+            {"question_id": 103, "image": "missing.jpg", "text": "?"},
+            {"image": "x.jpg", "text": "no id"}]
+    (root / "llava_mini.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n")
+    report = LoadReport()
+    from m2pt_fast.benchmarks import load_llava_questions
+
+    questions = load_llava_questions(root / "llava_mini.jsonl", root / "images", report)
+    assert [q.question_id for q in questions] == ["101", "102"] and questions[0].text == rows[0]["text"]
+    assert sum(report.skipped.values()) == 3
+    predictions, scores = _evaluate(tmp_path / "out", "--question_file", str(root / "llava_mini.jsonl"),
+                                    "--image_folder", str(root / "images"))
+    answers = [json.loads(line) for line in (tmp_path / "out" / "answers" / "llava_mini.jsonl").read_text().splitlines()]
+    assert [a["question_id"] for a in answers] == [101, 102]  # the file's own ids, their type kept
+    assert set(answers[0]) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+    assert [a["text"] for a in answers] == [p["text"] for p in predictions]
+    assert answers[0]["prompt"] == rows[0]["text"]
+    assert scores["benchmarks"]["llava_mini"] == {"accuracy": None, "questions": 2}  # no answers: not scored
+    assert scores["mm_avg"] is None and "unscored" in (tmp_path / "out" / "scores.md").read_text()
+    # with answers in the records, the same file is scored
+    for r in rows[:2]:
+        r["answer"] = "yes"
+    (root / "llava_scored.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    _, scores = _evaluate(tmp_path / "scored", "--question_file", str(root / "llava_scored.jsonl"),
+                          "--image_folder", str(root / "images"))
+    assert 0.0 <= scores["benchmarks"]["llava_scored"]["accuracy"] <= 1.0

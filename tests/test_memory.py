@@ -65,9 +65,9 @@ def test_a_frozen_stack_with_one_prompt_saves_exactly_the_relu_outputs(device):
     act = batch * (tokens + prompts) * width * 4
     weights, prompt, inputs = layers * width * width * 4, prompts * width * 4, batch * tokens * width * 4
     report = memory.count_steps(model, optimizer, lambda: {"x": x}, steps=1, block=512)
-    assert report.by_phase[memory.ACTIVATIONS] == weights + prompt + inputs + (layers + 1) * act
+    assert report.by_phase["forward"] == weights + prompt + inputs + (layers + 1) * act
     # backward frees each ReLU output as its node runs; the prompt's gradient is its own size
-    assert report.peak_bytes <= report.by_phase[memory.ACTIVATIONS] + act + 2 * 512
+    assert report.peak_bytes <= report.by_phase["forward"] + act + 2 * 512
 
 
 def test_gradients_and_optimizer_states_are_named():
