@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="put earlier evaluations (their output directories) in one table and one radar plot, "
                         "written to --output_dir; nothing is evaluated")
     p.add_argument("--image_folder", help="POPE's COCO val2014 images (default: <data_dir>/val2014)")
+    p.add_argument("--judge_model_name_or_path", help="a local causal LM (e.g. vicuna-13b-v1.5) that also rules on "
+                   "every answer, the paper's protocol (m2pt_fast/judge.py): judge_accuracy and mm_avg_judge")
     p.add_argument("--output_dir", default="outputs/eval")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--max_new_tokens", type=int, default=128, help="LLaVA-1.5's default")
@@ -185,10 +187,15 @@ def _table(scores: dict) -> str:
             rows.append(f"| {name} (accuracy / F1) | {100 * value['accuracy']:.2f} / {100 * value['f1']:.2f} |")
         elif value.get("accuracy") is None:
             rows.append(f"| {name} ({value['questions']} questions, unscored: answers/{name}.jsonl) | – |")
+        elif "judge_accuracy" in value:
+            rows.append(f"| {name} (accuracy / judge) | {100 * value['accuracy']:.2f} / "
+                        f"{100 * value['judge_accuracy']:.2f} |")
         else:
             rows.append(f"| {name} (accuracy) | {100 * value['accuracy']:.2f} |")
     if scores.get("mm_avg") is not None:
         rows.append(f"| MMAvg | {100 * scores['mm_avg']:.2f} |")
+    if scores.get("mm_avg_judge") is not None:
+        rows.append(f"| MMAvg (judge) | {100 * scores['mm_avg_judge']:.2f} |")
     return "\n".join(rows) + "\n"
 
 
@@ -225,6 +232,10 @@ def evaluate(args) -> dict:
     rank 0 writes the results, in question order."""
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise ValueError("--batch_size and --max_new_tokens must be at least 1")
+    judge = args.judge_model_name_or_path
+    if judge and not (Path(judge) / "config.json").is_file():  # before any question is answered
+        raise ValueError(f"--judge_model_name_or_path {judge}: no config.json there (a local causal LM directory, "
+                         "e.g. vicuna-13b-v1.5; nothing is downloaded)")
     rank, world, device = _distributed()
     try:
         return _evaluate(args, rank, world, device)
@@ -241,7 +252,7 @@ def _evaluate(args, rank: int, world: int, device: torch.device) -> dict:
     seed = source.pop("seed")
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    benchmarks, lines, answer_files = {}, [], {}
+    benchmarks, lines, answer_files, answered = {}, [], {}, {}
     sources = [(name, None) for name in args.benchmark or ()] + [(None, f) for f in args.question_file or ()]
     for name, question_file in sources:
         report = LoadReport()
@@ -263,30 +274,27 @@ def _evaluate(args, rank: int, world: int, device: torch.device) -> dict:
             shards = _gather(mine, rank, world)
             predictions = [shards[k % world][k // world] for k in range(len(group))]
             benchmarks[bench] = score(bench, group, predictions)
+            answered[bench] = (group, predictions)
             if question_file is not None:
                 answer_files[bench] = [llava_answer(q, p, source["model"], k) for k, (q, p) in
                                        enumerate(zip(group, predictions))]
             lines += [json.dumps({"question_id": q.question_id, "prompt": q.text, "text": p, "target": q.target,
                                   "benchmark": bench, **{k: v for k, v in q.extra.items() if k != "question"}})
                       for q, p in zip(group, predictions)]
+    judged = args.judge_model_name_or_path and rank == 0
+    if judged:
+        del model  # the judge takes the device's memory next
+        _judge(args.judge_model_name_or_path, device, answered, benchmarks, args.batch_size)
     synthetic = {part: benchmarks.pop(f"synthetic_{part}")["accuracy"] for part in ("seen", "held_out")
                  if f"synthetic_{part}" in benchmarks}
-    held_out = {name: value["accuracy"] for name, value in benchmarks.items()
-                if name != "mme" and value.get("accuracy") is not None}
-    pope = [held_out.pop(f"pope_{s}") for s in ("adversarial", "popular", "random") if f"pope_{s}" in held_out]
-    if pope:
-        held_out["pope"] = sum(pope) / len(pope)
-    for own_files, task in MM_AVG_ALIASES.items():  # a benchmark's own files count as the paper's task
-        if own_files in held_out:
-            held_out.setdefault(task, held_out.pop(own_files))
-    try:
-        average = mm_avg(held_out)
-    except ValueError:
-        average = None
     scores = {**source, "commit": _commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "settings": {"batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
                            "conv_mode": encoder.version, "data_dir": args.data_dir},
-              "benchmarks": benchmarks, "mm_avg": average, **({"synthetic": synthetic} if synthetic else {})}
+              "benchmarks": benchmarks, "mm_avg": _held_out_average(benchmarks, "accuracy"),
+              **({"synthetic": synthetic} if synthetic else {})}
+    if judged:
+        scores["judge"] = args.judge_model_name_or_path
+        scores["mm_avg_judge"] = _held_out_average(benchmarks, "judge_accuracy")
     scores["settings"]["processes"] = world
     if rank == 0:
         (out_dir / "predictions.jsonl").write_text("".join(line + "\n" for line in lines))
@@ -296,6 +304,41 @@ def _evaluate(args, rank: int, world: int, device: torch.device) -> dict:
             (out_dir / "answers").mkdir(exist_ok=True)
             (out_dir / "answers" / f"{bench}.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
     return scores
+
+
+def _held_out_average(benchmarks: dict, key: str) -> float | None:
+    """MMAvg of the benchmarks' `key` (accuracy, or the judge's): MME apart, POPE's splits averaged
+    first, the benchmarks' own files standing for the paper's tasks; None without any of them."""
+    held_out = {name: value[key] for name, value in benchmarks.items()
+                if name != "mme" and value.get(key) is not None}
+    pope = [held_out.pop(f"pope_{s}") for s in ("adversarial", "popular", "random") if f"pope_{s}" in held_out]
+    if pope:
+        held_out["pope"] = sum(pope) / len(pope)
+    for own_files, task in MM_AVG_ALIASES.items():  # a benchmark's own files count as the paper's task
+        if own_files in held_out:
+            held_out.setdefault(task, held_out.pop(own_files))
+    try:
+        return mm_avg(held_out)
+    except ValueError:
+        return None
+
+
+def _judge(path: str, device: torch.device, answered: dict, benchmarks: dict, batch_size: int) -> None:
+    """judge_accuracy for every answered benchmark with references (MME is scored by its own rule)."""
+    import gc
+
+    from m2pt_fast.judge import Judge
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    judge = Judge(path, device)
+    for bench, (group, predictions) in answered.items():
+        if bench == "mme" or any(q.target is None for q in group):
+            continue
+        triples = [(q.extra.get("question", q.text), q.target, p) for q, p in zip(group, predictions)]
+        verdicts = judge.rule(triples, batch_size)
+        benchmarks[bench]["judge_accuracy"] = sum(verdicts) / len(verdicts) if verdicts else 0.0
 
 
 def llava_answer(question: Question, prediction: str, model: str, index: int) -> dict:

@@ -254,3 +254,52 @@ def test_llava_question_files_are_asked_as_written_and_answered_in_llava_s_forma
     _, scores = _evaluate(tmp_path / "scored", "--question_file", str(root / "llava_scored.jsonl"),
                           "--image_folder", str(root / "images"))
     assert 0.0 <= scores["benchmarks"]["llava_scored"]["accuracy"] <= 1.0
+
+
+def _judge_dir(path: Path, first_word: str) -> Path:
+    """A tiny causal LM whose lm_head is zero, so greedy decoding emits token id 0: `first_word`."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = [first_word, "yes" if first_word == "no" else "no", "<unk>", "<s>", "</s>", "<pad>"]
+    words += sorted(set(w.lower() for w in "Decide whether a model answer to question about an image is correct "
+                        "Question Reference Model s Is the Answer or What digit shown".split()))
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>",
+                                        eos_token="</s>", pad_token="<pad>")
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, vocab_size=len(vocab),
+                                         pad_token_id=vocab["<pad>"], bos_token_id=vocab["<s>"],
+                                         eos_token_id=vocab["</s>"]))
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("first_word, expected", [("yes", 1.0), ("no", 0.0)])
+def test_a_local_judge_rules_on_every_answer(data, tmp_path, first_word, expected):
+    from m2pt_fast.judge import judge_prompt, verdict
+
+    judge = _judge_dir(tmp_path / "judge", first_word)
+    _, scores = _evaluate(tmp_path / "out", "--benchmark", "mnist", "--data_dir", str(data / "tasks"),
+                          "--judge_model_name_or_path", str(judge))
+    mnist = scores["benchmarks"]["mnist"]
+    assert mnist["judge_accuracy"] == expected and scores["mm_avg_judge"] == expected
+    assert 0.0 <= mnist["accuracy"] <= 1.0 and scores["judge"] == str(judge)
+    assert "judge" in (tmp_path / "out" / "scores.md").read_text()
+    # what the judge is asked, and how its reply is read
+    text = judge_prompt("What digit is shown?", ["7", "7", "1"], "seven")
+    assert "Question: What digit is shown?" in text and "Reference answer: 7" in text and "answer: seven" in text
+    assert verdict("Yes.") and verdict(" yes, it is") and not verdict("No") and not verdict("") \
+        and not verdict("The answer is yes")
+
+
+def test_a_judge_directory_that_is_not_a_model_is_named(data, tmp_path, capsys):
+    assert main(["--benchmark", "mnist", "--data_dir", str(data / "tasks"), "--output_dir", str(tmp_path / "o"),
+                 "--max_new_tokens", "2", "--judge_model_name_or_path", str(tmp_path)]) == 2
+    assert "no config.json" in capsys.readouterr().err
