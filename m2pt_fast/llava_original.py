@@ -231,6 +231,10 @@ def load_original(
     the weights then stream in one file at a time."""
     path = Path(path)
     config = json.loads((path / "config.json").read_text())
+    if config.get("quantization_config"):
+        raise LlavaSourceError(f"{path} is quantized ({config['quantization_config'].get('quant_method')}) in LLaVA's "
+                               "own layout, which loads from float weights only: start from the float checkpoint "
+                               "(python -m m2pt_fast.to_nf4 writes an NF4 directory of it once)")
     if not (is_original_layout(config) or pretrain_mm_mlp_adapter is not None):
         raise LlavaSourceError(f"{path} is a plain {config.get('model_type')!r} model: give "
                                "pretrain_mm_mlp_adapter (LLaVA's mm_projector.bin) and vision_tower to assemble "
@@ -262,6 +266,7 @@ def load_original(
         projector_hidden_act="gelu", multimodal_projector_bias=True,
     )
     llava_config.m2pt_linear_projector = kind == "linear"
+    llava_config.m2pt_lm_head_rows = vocab  # saved with the config: m2pt_fast.quantize rebuilds this layout
     dtype = dtype or torch.float32
     llava_config._attn_implementation = "sdpa"
     with torch.device(device), _default_dtype(dtype), no_init_weights():
@@ -270,6 +275,8 @@ def load_original(
             model.model.multi_modal_projector = LinearProjector(vision.hidden_size, text_width)
         # the original vocabulary's logits only: lm_head keeps LLaVA's rows
         model.lm_head = nn.Linear(text_width, vocab, bias=False)
+    # transformers builds each half in its config's dtype (a LLaMA config says float32), not the default
+    model = model.to(dtype)
 
     targets = model.state_dict()
     filled: set[str] = set()

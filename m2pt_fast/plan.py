@@ -83,6 +83,11 @@ def _llava_config(request: PlanRequest):
         raise FileNotFoundError(f"{str(path)!r} has no config.json (a transformers LLaVA directory; "
                                 "nothing is downloaded)")
     config = json.loads(config_file.read_text())
+    from m2pt_fast import llava_original
+
+    if llava_original.is_original_layout(config):
+        raise ValueError(f"{config_file}: LLaVA's own layout; pick the --shape it has, or write it as an NF4 "
+                         "directory (python -m m2pt_fast.to_nf4) and plan that")
     if config.get("model_type") != "llava":
         raise ValueError(f"{config_file}: model_type {config.get('model_type')!r}; the planner reads transformers' "
                          "LLaVA configs (model_type 'llava'); for LLaVA's own layout pick the --shape it has")

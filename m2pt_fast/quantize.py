@@ -246,7 +246,18 @@ def _empty_model(config_dict: dict, class_name: Optional[str] = None) -> nn.Modu
         raise ValueError(f"cannot tell which model class to build (architectures={config_dict.get('architectures')}); "
                          "pass model_class='LlavaForConditionalGeneration'")
     with _parameters_on_meta():
-        return cls(config)
+        model = cls(config)
+        # LLaVA's own layout, loaded through m2pt_fast.llava_original and saved here: a linear projector,
+        # and an lm_head that keeps the original vocabulary's rows (the image token's row is input only)
+        if getattr(config, "m2pt_linear_projector", False):
+            from .builders import LinearProjector
+
+            model.model.multi_modal_projector = LinearProjector(config.vision_config.hidden_size,
+                                                                config.text_config.hidden_size)
+        rows = getattr(config, "m2pt_lm_head_rows", None)
+        if rows is not None:
+            model.lm_head = nn.Linear(config.text_config.hidden_size, rows, bias=False)
+    return model
 
 
 # ---- saving ---------------------------------------------------------------------------------------

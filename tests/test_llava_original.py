@@ -174,3 +174,48 @@ def test_the_paper_s_recipe_names_the_assembly_with_trainer_options():
     assert set(recipe) <= {f.name for f in dataclasses.fields(TrainConfig)}
     assert {"vision_tower", "pretrain_mm_mlp_adapter"} <= set(recipe)
     assert recipe["mm_vision_select_layer"] == -2 and recipe["mm_vision_select_feature"] == "patch"
+
+
+def test_any_source_is_written_once_as_an_nf4_directory_that_trains(files, tmp_path):
+    from launch import python_run
+
+    from m2pt_fast.data import build_word_tokenizer, synthetic_texts, words_of, write_llava_json
+    from m2pt_fast.data.conversation import SYSTEM_PROMPT
+    from m2pt_fast.quantize import load_quantized, quantize_model
+    from m2pt_fast.to_nf4 import main as to_nf4
+
+    data_path, images = write_llava_json(tmp_path / "data", 8, seed=1)
+    texts = [*synthetic_texts(), SYSTEM_PROMPT, "USER: ASSISTANT:", Path(data_path).read_text()]
+    tokenizer = build_word_tokenizer(words_of(texts))  # <image> is its last id, which the LLaMA lacks
+    llama = llama_directory(tmp_path / "vicuna", vocab=len(tokenizer) - 1, tokenizer=tokenizer)
+    source = llava_directory(tmp_path / "llava", llama, files["clip"], "linear")  # LLaVA's own layout
+    tokenizer.save_pretrained(source)
+    out = tmp_path / "nf4"
+    assert to_nf4([str(source), str(out)]) == 0
+    assert {"config.json", "nf4_model.safetensors", "tokenizer.json", "preprocessor_config.json"} <= {
+        p.name for p in out.iterdir()}
+    # the directory loads to what quantizing the loaded source gives: the same logits, bit for bit
+    loaded = load_quantized(out)
+    expected = load_llava(source, dtype=torch.bfloat16)
+    # every half in the dtype asked for (a LLaMA config's "float32" once left the decoder in fp32)
+    assert {p.dtype for p in expected.parameters()} == {torch.bfloat16}
+    quantize_model(expected)
+    ids = torch.tensor([[1, 5, 6] + [expected.config.image_token_id] * 16 + [7, 8]])
+    pixels = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, pixel_values=pixels).logits,
+                           expected(input_ids=ids, pixel_values=pixels).logits)
+    assert loaded.lm_head.out_features == len(tokenizer) - 1  # the original vocabulary's logits only
+    result = python_run(tmp_path / "run", "--model_name_or_path", str(out), "--quant", "nf4", "--data_path",
+                        str(data_path), "--image_folder", str(images), "--per_device_train_batch_size", "4",
+                        "--max_steps", "2", "--dataloader_num_workers", "0")
+    assert "nf4 backbone" in result.stderr and (tmp_path / "run" / "prompts.safetensors").is_file()
+    # a second write never overwrites, and a quantized checkpoint in LLaVA's layout is named
+    assert to_nf4([str(source), str(out)]) == 2
+    quantized = tmp_path / "llava-4bit"
+    quantized.mkdir()
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (quantized / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LlavaSourceError, match="loads from float weights only"):
+        load_llava(quantized)
