@@ -275,8 +275,11 @@ def load_original(
             model.model.multi_modal_projector = LinearProjector(vision.hidden_size, text_width)
         # the original vocabulary's logits only: lm_head keeps LLaVA's rows
         model.lm_head = nn.Linear(text_width, vocab, bias=False)
-    # transformers builds each half in its config's dtype (a LLaMA config says float32), not the default
-    model = model.to(dtype)
+    # transformers builds each half in its config's dtype (a LLaMA config says float32), not the default;
+    # parameters only: buffers such as RoPE's inv_freq stay in the precision transformers computes them
+    for param in model.parameters():
+        if param.dtype != dtype:
+            param.data = param.data.to(dtype)
 
     targets = model.state_dict()
     filled: set[str] = set()
