@@ -521,8 +521,10 @@ def test_a_signal_to_the_deepspeed_command_alone_stops_every_rank(tmp_path, sig)
 
     command = [*deepspeed_launcher(), "--num_gpus", "2", "--master_port", str(_free_port()), str(TRAIN), "--output_dir",
                str(tmp_path), "--max_steps", "100000", "--dataloader_num_workers", "0"]
+    # as a terminal starts it: a background job of a non-interactive shell (a CI script's `cmd &`) is
+    # started with SIGINT ignored, and its children inherit that, so the signal would do nothing at all
     runner = subprocess.Popen(command, cwd=ROOT, env=trainer_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              text=True)
+                              text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     metrics_file = tmp_path / "metrics.jsonl"
     try:
         deadline = time.monotonic() + 300
