@@ -40,3 +40,16 @@ def test_oldest_pins_are_setup_py_lower_bounds():
         bound = re.search(rf'"{name}>=([0-9.]+),<[0-9.]+"', setup).group(1)
         parts = bound.split(".")
         assert version.split(".")[:len(parts)] == parts, (name, version, bound)
+
+
+def test_the_oldest_run_names_test_files_and_tests_that_exist():
+    # a renamed test would silently drop out of the oldest releases' run (pytest errors on a missing
+    # file, but .ci/run should not be the first to find out)
+    entries = [line for line in (ROOT / ".ci" / "oldest-tests.txt").read_text().splitlines()
+               if line and not line.startswith("#")]
+    assert len(entries) >= 20
+    for entry in entries:
+        path, _, test = entry.partition("::")
+        assert (ROOT / path).is_file(), entry
+        if test:
+            assert f"def {test.split('[')[0]}(" in (ROOT / path).read_text(), entry
