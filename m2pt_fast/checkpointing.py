@@ -50,6 +50,26 @@ def newest_checkpoint(output_dir: str | Path) -> tuple[int, Path] | None:
     return found[-1] if found else None
 
 
+RUN_STATE = "run_state.json"  # beside DeepSpeed's state: where the run stood, readable without DeepSpeed
+
+
+def write_run_state(directory: Path, step: int, total_steps: int) -> None:
+    (directory / RUN_STATE).write_text(json.dumps({"step": step, "total_steps": total_steps}))
+
+
+def finished_run(output_dir: str | Path) -> bool:
+    """True when the newest checkpoint is the end of its run (step = its total steps); False for an
+    unfinished run and for checkpoints of releases that wrote no run state."""
+    found = newest_checkpoint(output_dir)
+    if found is None or not (found[1] / RUN_STATE).is_file():
+        return False
+    try:
+        state = json.loads((found[1] / RUN_STATE).read_text())
+        return int(state["step"]) >= int(state["total_steps"])
+    except (ValueError, KeyError, TypeError, OSError):
+        return False
+
+
 class CheckpointMismatch(ValueError):
     """A sound checkpoint written by another number of processes: no older one would fit either."""
 

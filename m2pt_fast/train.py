@@ -52,8 +52,10 @@ from m2pt_fast.checkpointing import (
     STATE_TAG,
     OutputDirLock,
     checkpoint_problems,
+    checkpoints_dir,
     complete_checkpoints,
     final_dir,
+    finished_run,
     load_rng,
     newest_checkpoint,
     publish,
@@ -62,6 +64,7 @@ from m2pt_fast.checkpointing import (
     save_rng,
     temporary_dir,
     truncate_metrics,
+    write_run_state,
 )
 from m2pt_fast.data import (
     ConversationEncoder,
@@ -331,12 +334,20 @@ class M2PTRecipe:
         found = newest_checkpoint(self.output_dir)
         if cfg.resume:
             if found is None:
-                raise ValueError(f"--resume: no complete checkpoint under {self.output_dir}/checkpoints (a run with "
-                                 "--save_steps 0 writes none); leave out --resume to start a new run")
+                raise ValueError(f"--resume: no complete checkpoint under {self.output_dir}/checkpoints; leave out "
+                                 "--resume to start a new run")
             self._resume(*self._intact_checkpoint())
+        elif found is not None and finished_run(self.output_dir):
+            # a finished run's outputs give way to a new run, as a directory without checkpoints always did
+            if self.rank == 0:
+                log.warning("%s holds a finished run (its final checkpoint is %s): starting a new run over it. To "
+                            "train that run further instead: --resume with a larger --max_steps", self.output_dir,
+                            found[1].name)
+                shutil.rmtree(checkpoints_dir(self.output_dir))
+            dist.barrier()
         elif found is not None:
-            raise ValueError(f"{self.output_dir} already holds checkpoints of a run: pass --resume to continue it, "
-                             "or give another --output_dir")
+            raise ValueError(f"{self.output_dir} already holds checkpoints of an unfinished run: pass --resume to "
+                             "continue it, or give another --output_dir")
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             remove_partial_checkpoints(self.output_dir)  # left by a run killed while saving
@@ -479,9 +490,21 @@ class M2PTRecipe:
                     if self.global_step >= self.total_steps:
                         break
                 epoch, step_in_epoch = epoch + 1, 0
-            ended_with_checkpoint = bool(cfg.save_steps)
-            if ended_with_checkpoint:  # the end of a run with checkpoints leaves one: --resume can train it further
-                self._save_checkpoint(rng_state())
+            # The end of a run leaves a checkpoint, so --resume with a larger --max_steps trains it further;
+            # but not a full fine-tuning run's unasked (it would hold the whole model's optimizer state).
+            ended_with_checkpoint = bool(cfg.save_steps) or cfg.method != "full"
+            if ended_with_checkpoint:
+                try:
+                    self._save_checkpoint(rng_state())
+                except WriteFailed as e:
+                    if cfg.save_steps:
+                        raise
+                    ended_with_checkpoint = False  # not asked for: the run's output still comes next
+                    if self.rank == 0:
+                        log.warning("%s; the prompt file comes next, but --resume cannot continue this run", e)
+            elif self.rank == 0:
+                log.info("--method full with --save_steps 0 leaves no checkpoint; to train further later, give "
+                         "--save_steps")
         except WriteFailed as e:
             if self.rank == 0:
                 log.error("%s", e)
@@ -634,6 +657,8 @@ class M2PTRecipe:
             self.engine.save_checkpoint(str(tmp), tag=STATE_TAG, client_state=client, save_latest=False,
                                         exclude_frozen_parameters=True)
             save_rng(tmp, self.rank, rng)
+            if self.rank == 0:
+                write_run_state(tmp, step, self.total_steps)
             if self.checkpoint_output:
                 self._write_output(tmp / self.checkpoint_output)
         except WRITE_ERRORS as e:  # torch.save reports a full disk as a RuntimeError

@@ -82,7 +82,7 @@ class TrainConfig:
     estimate_memory: bool | None = None  # None: on with a GPU
     bf16: bool | None = None  # None: on when a GPU is used
     # --- outputs
-    save_steps: int = 0  # 0: only the final prompt file
+    save_steps: int = 0  # 0: a checkpoint at the end of the run only
     save_total_limit: int = 2
     resume: bool = False
     # --- distributed
@@ -268,7 +268,7 @@ _HELP = {
     "learning_rate": f"(default {PAPER_LEARNING_RATE}, the paper's, for the prompt methods; 2e-4 for lora and 2e-5 "
                      f"for full, LLaVA's; {EMBEDDED_LEARNING_RATE} for the embedded model)",
     "max_steps": "optimizer steps; -1 (default) runs --num_train_epochs",
-    "save_steps": "checkpoint every this many steps (default 0: none)",
+    "save_steps": "checkpoint every this many steps (default 0: only at the end, for --resume to train further)",
     "resume": "continue from the newest complete checkpoint in --output_dir",
     "ds_config": "a DeepSpeed JSON (configs/); default: ZeRO-0",
     "local_rank": "set by the deepspeed launcher",

@@ -547,3 +547,27 @@ def test_a_signal_to_the_deepspeed_command_alone_stops_every_rank(tmp_path, sig)
     steps = len(metrics_file.read_text().splitlines())
     time.sleep(3)
     assert len(metrics_file.read_text().splitlines()) == steps
+
+
+def test_a_run_without_save_steps_ends_with_a_checkpoint_it_can_be_trained_further_from(tmp_path):
+    args = ("--dataloader_num_workers", "0", "--warmup_ratio", "0")
+    python_run(tmp_path, "--max_steps", "2", *args)  # --save_steps 0, the default
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-2"]
+    assert json.loads((tmp_path / "checkpoints" / "step-2" / "run_state.json").read_text()) == {
+        "step": 2, "total_steps": 2}
+    result = python_run(tmp_path, "--max_steps", "3", *args, "--resume")
+    assert "schedule continues to the new end: step 2 of 3" in result.stderr
+    assert [m["step"] for m in metrics(tmp_path)] == [1, 2, 3]
+    # a new run over the finished one starts over (said), as over a directory without checkpoints
+    result = python_run(tmp_path, "--max_steps", "1", *args)
+    assert "holds a finished run (its final checkpoint is step-3): starting a new run over it" in result.stderr
+    assert [m["step"] for m in metrics(tmp_path)] == [1]
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-1"]
+
+
+def test_a_new_run_over_an_unfinished_one_is_refused(tmp_path):
+    args = ("--dataloader_num_workers", "0", "--save_steps", "1")
+    python_run(tmp_path, "--max_steps", "3", *args)
+    shutil.rmtree(tmp_path / "checkpoints" / "step-3")  # as if the run had been stopped after step 2
+    result = python_run(tmp_path, "--max_steps", "3", *args, expect=2)
+    assert "holds checkpoints of an unfinished run: pass --resume to continue it" in result.stderr
