@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -231,10 +232,13 @@ def load_original(
     the weights then stream in one file at a time."""
     path = Path(path)
     config = json.loads((path / "config.json").read_text())
-    if config.get("quantization_config"):
-        raise LlavaSourceError(f"{path} is quantized ({config['quantization_config'].get('quant_method')}) in LLaVA's "
-                               "own layout, which loads from float weights only: start from the float checkpoint "
-                               "(python -m m2pt_fast.to_nf4 writes an NF4 directory of it once)")
+    quantization = config.get("quantization_config") or {}
+    bnb_4bit = quantization.get("quant_method") == "bitsandbytes" and bool(
+        quantization.get("load_in_4bit") or quantization.get("_load_in_4bit"))
+    if quantization and not (bnb_4bit and quantization.get("bnb_4bit_quant_type", "fp4") == "nf4"):
+        raise LlavaSourceError(f"{path} is quantized ({quantization.get('quant_method')}, "
+                               f"{quantization.get('bnb_4bit_quant_type', 'not 4-bit')}) in LLaVA's own layout: only "
+                               "bitsandbytes' 4-bit NF4 loads; start from the float checkpoint otherwise")
     if not (is_original_layout(config) or pretrain_mm_mlp_adapter is not None):
         raise LlavaSourceError(f"{path} is a plain {config.get('model_type')!r} model: give "
                                "pretrain_mm_mlp_adapter (LLaVA's mm_projector.bin) and vision_tower to assemble "
@@ -298,13 +302,23 @@ def load_original(
                 target.copy_(tensor)
         filled.add(name)
 
+    quantized: dict[str, dict[str, torch.Tensor]] = {}  # bitsandbytes 4-bit layers: name -> weight.* tensors
     for file in files:
         for key, tensor in read_tensors(file).items():
+            match = re.match(r"^(.*)\.weight(\..*)?$", key) if bnb_4bit else None
+            if match and (match.group(2) or tensor.dtype == torch.uint8):  # packed codes and their statistics
+                layer = _decoder_name(match.group(1) + ".weight")
+                if layer is not None and layer in targets:
+                    quantized.setdefault(layer[:-len(".weight")], {})["weight" + (match.group(2) or "")] = tensor
+                    continue
             name = _decoder_name(key)
             if name is None and key.startswith("model.mm_projector.") and adapter is None:
                 name = _projector_name(key, kind)
             if name is not None and name in targets:
                 put(name, tensor)
+    for layer, tensors in quantized.items():
+        _set_nf4_layer(model, layer, tensors, path)
+        filled.add(layer + ".weight")
     for key, tensor in adapter_tensors.items():
         name = _projector_name(key, kind)
         if name in targets:
@@ -320,6 +334,26 @@ def load_original(
     if missing:
         raise LlavaSourceError(f"{path}: no weights for {len(missing)} tensor(s) of the model, e.g. {missing[:4]}")
     return model.eval()
+
+
+def _set_nf4_layer(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Replace the nn.Linear `name` by an NF4Linear holding a bitsandbytes 4-bit weight's tensors
+    (transformers' serialization: `weight` packed, `weight.*` statistics), keeping its bias."""
+    from m2pt_kernels.nf4_format import NF4Weight
+
+    from m2pt_fast.quantize import NF4Linear
+
+    if "weight.quant_state.bitsandbytes__nf4" not in tensors:
+        raise LlavaSourceError(f"{path}: {name}.weight is packed but has no quant_state.bitsandbytes__nf4 entry "
+                               "(fp4, 8-bit or a truncated checkpoint?)")
+    q = NF4Weight.from_bnb_state_dict(tensors, "weight")
+    linear = model.get_submodule(name)
+    if tuple(q.shape) != (linear.out_features, linear.in_features):
+        raise LlavaSourceError(f"{path}: {name} holds a {tuple(q.shape)} weight, the model's is "
+                               f"{(linear.out_features, linear.in_features)}")
+    layer = NF4Linear.from_nf4(q, linear.bias)
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, layer)
 
 
 def add_image_token(tokenizer, model: LlavaForConditionalGeneration) -> None:

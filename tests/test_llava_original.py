@@ -212,10 +212,49 @@ def test_any_source_is_written_once_as_an_nf4_directory_that_trains(files, tmp_p
     assert "nf4 backbone" in result.stderr and (tmp_path / "run" / "prompts.safetensors").is_file()
     # a second write never overwrites, and a quantized checkpoint in LLaVA's layout is named
     assert to_nf4([str(source), str(out)]) == 2
-    quantized = tmp_path / "llava-4bit"
+    quantized = tmp_path / "llava-8bit"
     quantized.mkdir()
     config = json.loads((source / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True}
     (quantized / "config.json").write_text(json.dumps(config))
-    with pytest.raises(LlavaSourceError, match="loads from float weights only"):
+    with pytest.raises(LlavaSourceError, match="only bitsandbytes' 4-bit NF4 loads"):
         load_llava(quantized)
+
+
+def test_a_bitsandbytes_4bit_checkpoint_in_llava_s_layout_loads_its_nf4_weights(files, tmp_path):
+    # What saving a LLaVA loaded in 4 bits gives: the decoder's linear weights as transformers serializes
+    # bitsandbytes' (packed codes + weight.* statistics), the rest dense, a quantization_config.
+    from m2pt_kernels import nf4_quantize
+
+    from m2pt_fast.quantize import NF4Linear
+
+    source = llava_directory(tmp_path / "llava", files["llama"], files["clip"], "mlp2x_gelu")
+    weights = torch.load(source / "pytorch_model.bin")
+    packed = {}
+    for key, tensor in weights.items():
+        if key.startswith("model.layers.") and key.endswith("_proj.weight"):
+            packed.update({f"{key[:-len('.weight')]}.{k}": v
+                           for k, v in nf4_quantize(tensor).bnb_state_dict("weight").items()})
+        else:
+            packed[key] = tensor
+    quantized = tmp_path / "llava-4bit"
+    quantized.mkdir()
+    torch.save(packed, quantized / "pytorch_model.bin")
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True,
+                                     "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True}
+    (quantized / "config.json").write_text(json.dumps(config))
+
+    loaded = load_llava(quantized)
+    layers = [m for m in loaded.model.language_model.modules() if isinstance(m, NF4Linear)]
+    assert len(layers) == 2 * 7  # every decoder projection of both layers, in 4 bits
+    expected = load_llava(source)  # the float model with the same layers quantized by hand
+    for name, module in list(expected.model.language_model.named_modules()):
+        if name.endswith("_proj"):
+            parent, _, child = name.rpartition(".")
+            setattr(expected.model.language_model.get_submodule(parent), child, NF4Linear.from_linear(module))
+    ids = torch.tensor([[1, 5, 6] + [expected.config.image_token_id] * 16 + [7, 8]])
+    pixels = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, pixel_values=pixels).logits,
+                           expected(input_ids=ids, pixel_values=pixels).logits)
