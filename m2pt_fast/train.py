@@ -226,7 +226,8 @@ class M2PTRecipe:
         self.parameter_report = trainable_report(self.model)
         log.info("method %s, backend %s, %s backbone\n%s", cfg.method, self.model.backend, self.quant,
                  self.parameter_report)
-        if cfg.estimate_memory if cfg.estimate_memory is not None else self.device.type == "cuda":
+        wanted = cfg.estimate_memory if cfg.estimate_memory is not None else self.device.type == "cuda"
+        if wanted and self.rank == 0:  # every rank holds the same model: one count, one line
             self._log_memory_estimate()
 
     def _log_memory_estimate(self) -> None:
