@@ -93,6 +93,20 @@ def _llava_15_13b() -> LlavaConfig:
     )
 
 
+def _llava_interleave_qwen_7b() -> LlavaConfig:
+    # llava-hf/llava-interleave-qwen-7b-hf: SigLIP so400m at 384 px (26 layers, width 1152, 729 patches,
+    # no CLS, every patch kept from the last layer), a 2-layer GELU projector, Qwen1.5-7B-Chat (Qwen2's
+    # classes: q/k/v biases; 32 layers, width 4096, MLP 11008, vocabulary 152000), image token 151646.
+    vision = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26,
+                                num_attention_heads=16, image_size=384, patch_size=14,
+                                hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6, vision_use_head=False)
+    text = Qwen2Config(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=152000, max_position_embeddings=32768,
+                       rope_theta=1000000.0, bos_token_id=151643, eos_token_id=151645)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=151646, projector_hidden_act="gelu",
+                       vision_feature_layer=-1, vision_feature_select_strategy="full")
+
+
 def _llava_v1_7b() -> LlavaConfig:
     # The M²PT paper's model: LLaVA v1 (Vicuna-7B v1.3, CLIP ViT-L/14 at 224 px, linear projector).
     # build_llava swaps transformers' MLP projector for a LinearProjector for this shape.
@@ -110,6 +124,7 @@ NAMED_CONFIGS = {
     "tiny-siglip-qwen2": _tiny_siglip_qwen2,
     "llava-1.5-7b": _llava_15_7b,
     "llava-1.5-13b": _llava_15_13b,
+    "llava-interleave-qwen-7b": _llava_interleave_qwen_7b,
     "llava-v1-7b": _llava_v1_7b,
 }
 

@@ -25,9 +25,14 @@ from .attention import PrefixContext, prefix_kv, run_layer
 from .compat import Cache, new_cache
 
 IGNORE_INDEX = -100
-# Rows of hidden state turned into logits at once in the loss: peak extra memory is about
-# LOSS_CHUNK_ROWS × vocab × 4 bytes (fp32 logits), 256 MB at a 32k vocabulary.
-LOSS_CHUNK_ROWS = 2048
+# The loss turns hidden states into logits a chunk of rows at a time, each chunk's fp32 logits about
+# LOSS_CHUNK_BYTES (2,093 rows at LLaMA's 32k vocabulary, 441 at Qwen's 152k): what a chunk holds in
+# forward and backward (bf16 and fp32 logits, log-softmax, their gradient) stays near 4 × that.
+LOSS_CHUNK_BYTES = 256 * 2**20
+
+
+def loss_chunk_rows(vocab_size: int) -> int:
+    return max(16, LOSS_CHUNK_BYTES // (4 * vocab_size))
 
 
 # ------------------------------------------------------------------------------------------ vision
@@ -98,8 +103,9 @@ def _loss(lm, lm_head, prompts: torch.Tensor, hidden: torch.Tensor, labels: torc
         row_targets = torch.cat([row_targets, labels[:, 0][first]])
     count = row_targets.numel()
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, count, LOSS_CHUNK_ROWS):
-        chunk = slice(start, start + LOSS_CHUNK_ROWS)
+    step = loss_chunk_rows(getattr(lm_head, "out_features", None) or lm_head.weight.shape[0])
+    for start in range(0, count, step):
+        chunk = slice(start, start + step)
         # Checkpointed: backward recomputes this chunk's logits instead of keeping them all alive.
         if torch.is_grad_enabled():
             total = total + checkpoint(_chunk_loss, lm_head, rows[chunk], row_targets[chunk], use_reentrant=False)

@@ -27,6 +27,19 @@ def test_paper_llava_v1_shape_has_a_linear_projector():
     assert model.image_seq_length == 256  # 224 px / 14 px patches, squared
 
 
+def test_the_siglip_qwen2_shape_is_llava_interleave_qwen_7b():
+    model = apply_m2pt(build_llava("llava-interleave-qwen-7b", device="meta"), 10, 10)
+    report = trainable_report(model)
+    # SigLIP keeps every patch of the last layer: (384 / 14)² = 729 image tokens, all 26 layers prompted
+    assert model.image_seq_length == 729
+    projector = 1152 * 4096 + 4096 + 4096 * 4096 + 4096
+    assert report.trainable == projector + 26 * 10 * 1152 + 32 * 10 * 4096
+    # Qwen1.5-7B (7.7e9 with its 152000-row embeddings and lm_head) + SigLIP so400m (0.4e9)
+    assert 8.0e9 < report.total < 8.3e9
+    attention = model.llava.model.language_model.layers[0].self_attn
+    assert attention.q_proj.bias is not None and attention.o_proj.bias is None  # Qwen2's biases
+
+
 def test_build_dtype_and_overrides():
     llava = build_llava("tiny", dtype=torch.bfloat16, vocab_size=300, image_token_id=299, pad_token_id=3)
     assert llava.lm_head.weight.shape == (300, 64) and llava.lm_head.weight.dtype == torch.bfloat16

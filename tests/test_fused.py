@@ -203,3 +203,18 @@ def test_fused_equals_reference_on_an_nf4_backbone(shape, pytorch_kernels):
     assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
     for name in ("vision_prompts", "text_prompts"):
         assert rel_err(grads[name], ref_grads[name]) < 1e-5, name
+
+
+def test_the_loss_in_several_chunks_equals_the_reference(pytorch_kernels, monkeypatch):
+    # chunks of 16 rows (the least): the labelled positions of this batch span several
+    fused_module = importlib.import_module("m2pt_fast.fused")
+    monkeypatch.setattr(fused_module, "LOSS_CHUNK_BYTES", 1)
+    model = apply_m2pt(build_llava("tiny", seed=5), 2, 3)
+    ids, pixels, mask, labels = padded_batch(model, seed=4)
+    labels[:, 1:] = torch.where(mask[:, 1:].bool(), ids[:, 1:], -100)  # every real token after the first
+    assert (labels != -100).sum() > 2 * fused_module.loss_chunk_rows(model.llava.lm_head.out_features)
+    ref_loss, ref_grads = run(model, "reference", ids, pixels, mask, labels)
+    loss, grads = run(model, "fused", ids, pixels, mask, labels)
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
+    for name in ref_grads:
+        assert rel_err(grads[name], ref_grads[name]) < 1e-5, name
