@@ -20,6 +20,7 @@ reference backend stays transformers' plain modules.
 """
 from __future__ import annotations
 
+import functools
 import types
 
 import torch
@@ -113,21 +114,32 @@ def _is_silu(act) -> bool:
                                         type(act).__module__.startswith("transformers."))
 
 
-def _lean_forward(module: nn.Module):
-    """The lean forward reproducing `module`'s own, or None for a module it does not know."""
+@functools.cache
+def _known() -> dict:
+    """{module class: (does this instance compute what the lean forward does?, the lean forward)}."""
     from transformers.activations import QuickGELUActivation
     from transformers.models.clip.modeling_clip import CLIPMLP
     from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
     from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm
 
-    kind = type(module)
-    if kind in (LlamaRMSNorm, Qwen2RMSNorm):
-        return _rms_norm_forward
-    if kind in (LlamaMLP, Qwen2MLP) and _is_silu(module.act_fn):
-        return _swiglu_mlp_forward
-    if kind is CLIPMLP and type(module.activation_fn) is QuickGELUActivation:
-        return _quick_gelu_mlp_forward
-    return None
+    def always(module):
+        return True
+
+    def silu(module):
+        return _is_silu(module.act_fn)
+
+    def quick_gelu_activation(module):
+        return type(module.activation_fn) is QuickGELUActivation
+
+    return {LlamaRMSNorm: (always, _rms_norm_forward), Qwen2RMSNorm: (always, _rms_norm_forward),
+            LlamaMLP: (silu, _swiglu_mlp_forward), Qwen2MLP: (silu, _swiglu_mlp_forward),
+            CLIPMLP: (quick_gelu_activation, _quick_gelu_mlp_forward)}
+
+
+def _lean_forward(module: nn.Module):
+    """The lean forward reproducing `module`'s own, or None for a module it does not know."""
+    fits, forward = _known().get(type(module), (None, None))
+    return forward if fits is not None and fits(module) else None
 
 
 def set_lean(model: nn.Module, enabled: bool) -> int:
