@@ -119,3 +119,37 @@ def test_siglip_attention_drops_keywords_and_still_gets_its_prefix(pytorch_kerne
     patches = (vision.image_size // vision.patch_size) ** 2  # no CLS, no prompt rows
     vision_calls = [call for call in prefix_calls if call[0][2] == patches]
     assert len(vision_calls) == vision.num_hidden_layers and all(call[1][1] == 3 for call in vision_calls)
+
+
+@pytest.mark.parametrize("shape", ["tiny-gqa", "tiny-siglip-qwen2"])
+def test_prompt_kv_capture_multiplies_by_the_key_and_value_projections_only(shape):
+    # The method's work for prompt rows is their K and V (docs/method.md): 2·n·d_in·d_out FLOPs for
+    # each of k_proj and v_proj per layer, worked from the configs. A query projection, the output
+    # projection or the MLP running on the prompt rows would each show up here.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from m2pt_fast.model import clip_parts
+
+    model = apply_m2pt(build_llava(shape, seed=10), 3, 4)
+    model.backend = "fused"
+    n = 5
+    for layers, config in ((clip_parts(model.llava.model.vision_tower).encoder.layers,
+                            model.llava.config.vision_config),
+                           (model.llava.model.language_model.layers, model.llava.config.text_config)):
+        layer = layers[0]
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_width = getattr(config, "num_key_value_heads", config.num_attention_heads) * head_dim
+        rows = torch.randn(n, config.hidden_size, requires_grad=True)
+        kwargs = {"attention_mask": None}
+        if hasattr(config, "num_key_value_heads"):  # a decoder layer: prompt positions 0..n-1
+            positions = torch.arange(n)[None]
+            kwargs.update(position_ids=positions,
+                          position_embeddings=model.llava.model.language_model.rotary_emb(rows[None], positions))
+        with FlopCounterMode(display=False) as counter:
+            module, (key, value) = attention.prefix_kv(layer, rows, **kwargs)
+        assert counter.get_total_flops() == 2 * (2 * n * config.hidden_size * kv_width)
+        assert key.shape[-2:] == value.shape[-2:] == (n, head_dim)
+        # the capture leaves the query projection as it was
+        assert "forward" not in vars(module.q_proj)
+        out = module.q_proj(rows)
+        assert torch.equal(out, nn.functional.linear(rows, module.q_proj.weight, module.q_proj.bias))
