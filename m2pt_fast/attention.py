@@ -97,12 +97,28 @@ def _m2pt_attention(module, query, key, value, attention_mask, scaling=None, dro
     causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", False) if causal is None else causal)
     prefix_k, prefix_v = m2pt.prefix.get(module, (None, None))
+    _check_computable(module, key.shape[-2] + (0 if prefix_k is None else prefix_k.shape[-2]), kwargs)
     if prefix_k is not None:
         m2pt.used.add(module)
         prefix_k, prefix_v = prefix_k.to(query.dtype), prefix_v.to(query.dtype)
     out = prefix_attention(query, key, value, prefix_k, prefix_v, causal=causal,
                            softmax_scale=scaling, kv_lens=m2pt.kv_lens)
     return out.transpose(1, 2), None
+
+
+def _check_computable(module, keys: int, kwargs: dict) -> None:
+    """Refuse what prefix_attention does not compute rather than compute something else: attention
+    sinks, and a sliding window shorter than the keys (prompt rows included) it would mask."""
+    name = type(module).__name__
+    for sink in ("s_aux", "sinks"):
+        if kwargs.get(sink) is not None:
+            raise ValueError(f"{name} adds attention sinks ({sink}), which the fused backend does not compute; "
+                             "use backend='reference'")
+    window = kwargs.get("sliding_window")
+    if window is not None and keys > window:
+        raise ValueError(f"{name} attends within a sliding window of {window} positions and this forward has "
+                         f"{keys} keys (prompt rows included): the fused backend attends to all of them. Use "
+                         "backend='reference', or sequences of at most the window")
 
 
 def _m2pt_mask(*args, config=None, **kwargs):
@@ -124,6 +140,10 @@ def route_attention(model: nn.Module) -> None:
         # sub-configs' names before they were recorded.
         if config is None or not hasattr(config, "_attn_implementation") or getattr(config, "sub_configs", None):
             continue
+        capped = [name for name in ("attn_logit_softcapping", "final_logit_softcapping") if getattr(config, name, None)]
+        if capped:
+            raise ValueError(f"{type(config).__name__} caps logits ({', '.join(capped)}, as Gemma 2 does), which "
+                             "m2pt_fast's backends do not compute: this model is not supported")
         current = config._attn_implementation or "eager"  # None: get_interface's default, the eager path
         if current != NAME:
             if current not in ALL_MASK_ATTENTION_FUNCTIONS:

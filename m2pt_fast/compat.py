@@ -38,6 +38,7 @@ __all__ = [
     "cache_kwargs",
     "causal_mask",
     "deepspeed_cpu_comm_without_shm",
+    "layer_types",
     "load_image_processor",
     "new_cache",
     "no_init_weights",
@@ -61,14 +62,26 @@ def new_cache(config) -> DynamicCache:
 
 
 def causal_mask(config, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, cache: Cache | None,
-                position_ids: torch.Tensor):
-    """transformers' causal mask for the model's attention implementation (None where it needs none).
+                position_ids: torch.Tensor, sliding: bool = False):
+    """transformers' causal mask for the model's attention implementation (None where it needs none);
+    with `sliding`, the sliding-window causal mask of config.sliding_window.
 
     inputs_embeds: (B, T, d) the new tokens; attention_mask: (B, T_past + T) 1/0; position_ids: (B, T).
     """
-    return masking_utils.create_causal_mask(config=config, inputs_embeds=inputs_embeds,
-                                            attention_mask=attention_mask, position_ids=position_ids,
-                                            **cache_kwargs(cache))
+    build = masking_utils.create_sliding_window_causal_mask if sliding else masking_utils.create_causal_mask
+    return build(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                 position_ids=position_ids, **cache_kwargs(cache))
+
+
+def layer_types(config) -> list[str]:
+    """Each decoder layer's attention, "full_attention" or "sliding_attention", as its model's forward
+    picks the mask: config.layer_types where the config has them (Qwen2, Gemma 2/3), else every layer
+    sliding when config.sliding_window is set (Mistral, Phi-3)."""
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return list(types)
+    sliding = getattr(config, "sliding_window", None) is not None
+    return ["sliding_attention" if sliding else "full_attention"] * config.num_hidden_layers
 
 
 def set_layer_checkpointing(layer: GradientCheckpointingLayer, enabled: bool, recompute) -> None:

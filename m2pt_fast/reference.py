@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .compat import cache_kwargs, causal_mask, new_cache
+from .compat import cache_kwargs, causal_mask, layer_types, new_cache
 
 IGNORE_INDEX = -100
 
@@ -74,12 +74,16 @@ def text_forward(lm, lm_head, prompts, embeds, attention_mask, labels, position_
 
     if use_cache and cache is None:
         cache = new_cache(lm.config)
-    layer_mask = causal_mask(lm.config, hidden, mask, cache, positions)
+    # one mask per kind of layer, as the model's own forward builds them (a sliding window counts the
+    # prompt rows as the tokens they are)
+    types = layer_types(lm.config)
+    masks = {kind: causal_mask(lm.config, hidden, mask, cache, positions, sliding=kind == "sliding_attention")
+             for kind in set(types)}
     rope = lm.rotary_emb(hidden, position_ids=positions)
     for j, layer in enumerate(lm.layers):
         if inserted and j > 0:
             hidden = _with_prompts(hidden, prompts[j], replace=True)
-        hidden = layer(hidden, attention_mask=layer_mask, position_embeddings=rope, position_ids=positions,
+        hidden = layer(hidden, attention_mask=masks[types[j]], position_embeddings=rope, position_ids=positions,
                        use_cache=use_cache, **cache_kwargs(cache))
     logits = lm_head(lm.norm(hidden))  # (B, [n +] T, V)
 
