@@ -3,6 +3,7 @@
     python -m m2pt_fast.plan --shape llava-1.5-7b --gpu_memory 24GiB
     python -m m2pt_fast.plan --model_name_or_path DIR --gpu_memory 24GiB --model_max_length 2048 --quant nf4 \\
         --method m2pt --per_device_train_batch_size 8 [--json]
+    python -m m2pt_fast.plan --model_name_or_path DIR --data_path data.json --image_folder images --gpu_memory 24GiB
 
 The model is built on the meta device (a named shape, or a transformers LLaVA directory's config.json:
 no weight is read) and trained there under m2pt_fast.memory's count (one step after the optimizer's
@@ -17,7 +18,9 @@ workspaces) and fragmentation (default 10%) for the allocator's cached but unuse
 options. DeepSpeed's bf16 training also keeps an fp32 master, fp32 gradients and fp32 Adam states of
 every trained parameter where the count has the parameter's own dtype: 12 bytes per trained
 parameter are added for it (docs/memory.md). Every sample is taken at --model_max_length tokens with
-every text token labelled, the most a batch can hold.
+every text token labelled, the most a batch can hold; with --data_path, as long as the data's longest
+sample and with as many labelled tokens as the most of any (encoded as the trainer encodes them:
+the model directory's tokenizer, --version's template, truncation at --model_max_length).
 """
 from __future__ import annotations
 
@@ -70,6 +73,9 @@ class PlanRequest:
     margin: int = GIB
     fragmentation: float = 0.10
     deepspeed: bool = True
+    data_path: str | None = None  # plan for this LLaVA JSON's longest sample (needs the model's tokenizer)
+    image_folder: str | None = None
+    version: str = "v1"
 
 
 def _llava_config(request: PlanRequest):
@@ -175,10 +181,38 @@ def count_step(model, micro_batch: int, *, checkpointing: bool, model_max_length
     return memory.count_steps(model, optimizer, batch, steps=1, timeline=True)
 
 
+def data_lengths(request: PlanRequest, model, progress: bool = False) -> dict:
+    """The longest sample of request.data_path as the trainer encodes it (its tokenizer, template and
+    --model_max_length truncation; records it would skip are skipped): tokens, labelled tokens, records."""
+    from m2pt_fast.data import ConversationEncoder, load_llava_records, longest_sample
+
+    if request.model_name_or_path is None:
+        raise ValueError("--data_path needs --model_name_or_path: the model directory's tokenizer measures the "
+                         "samples")
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(request.model_name_or_path, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{request.model_name_or_path} has no tokenizer to measure --data_path with ({error})") from error
+    encoder = ConversationEncoder(tokenizer, model.image_token_id, model.image_seq_length, request.model_max_length,
+                                  version=request.version)
+    records, _ = load_llava_records(request.data_path, request.image_folder, encoder, progress=progress)
+    tokens, labelled = longest_sample(records)
+    return {"path": str(request.data_path), "records": len(records), "longest_tokens": tokens,
+            "most_labelled": labelled}
+
+
 def plan(request: PlanRequest, progress=None) -> dict:
     """Peak memory by micro-batch with checkpointing off and on, what fits, and what to pass."""
     start = time.perf_counter()
     model, name, (vision, text) = build_on_meta(request)
+    data = None
+    if request.data_path is not None:
+        # every sample of a step as long as the longest, as many labelled as the most: a bound on any batch
+        data = data_lengths(request, model, progress=progress is not None)
+        request = dataclasses.replace(request, model_max_length=data["longest_tokens"],
+                                      answer_tokens=data["most_labelled"])
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     extra = DEEPSPEED_BF16_BYTES_PER_TRAINED_PARAMETER * trained if request.deepspeed else 0
     usable = (request.gpu_memory - request.margin) / (1 + request.fragmentation)
@@ -212,7 +246,8 @@ def plan(request: PlanRequest, progress=None) -> dict:
     return {
         "model": name, "method": request.method, "backend": model.backend, "quant": request.quant,
         "prompts": {"vision": vision, "text": text}, "trained_parameters": trained,
-        "model_max_length": request.model_max_length, "image_tokens": model.image_seq_length,
+        "model_max_length": request.model_max_length, "answer_tokens": request.answer_tokens, "data": data,
+        "image_tokens": model.image_seq_length,
         "gpu_memory_bytes": request.gpu_memory, "margin_bytes": request.margin,
         "fragmentation": request.fragmentation, "usable_peak_bytes": int(usable),
         "checkpointing": settings, "advice": advice,
@@ -225,13 +260,15 @@ def plan(request: PlanRequest, progress=None) -> dict:
     }
 
 
-def estimate_run(config, *, micro_batch: int, checkpointing: bool, model_max_length: int, deepspeed: bool = True,
+def estimate_run(config, *, micro_batch: int, checkpointing: bool, model_max_length: int,
+                 answer_tokens: int | None = None, deepspeed: bool = True,
                  **model_options) -> tuple[memory.MemoryReport, int]:
     """The counted peak of one training step of a run (the trainer's own settings; model_options as
     meta_model takes them) and the DeepSpeed bf16 state added for its trained parameters."""
     model = meta_model(config, **model_options)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    report = count_step(model, micro_batch, checkpointing=checkpointing, model_max_length=model_max_length)
+    report = count_step(model, micro_batch, checkpointing=checkpointing, model_max_length=model_max_length,
+                        answer_tokens=answer_tokens)
     return report, DEEPSPEED_BF16_BYTES_PER_TRAINED_PARAMETER * trained if deepspeed else 0
 
 
@@ -239,13 +276,23 @@ def _gib(n: float) -> str:
     return f"{n / GIB:.2f} GiB"
 
 
+def size(n: float) -> str:
+    """Bytes as GiB from 1 GiB up, else MiB (a tiny model's step is not '0.00 GiB')."""
+    return _gib(n) if n >= GIB else f"{n / 2**20:.2f} MiB"
+
+
 def render(result: dict) -> str:
     off, on = result["checkpointing"]["off"], result["checkpointing"]["on"]
+    answers = result.get("answer_tokens")
+    labelled = "every text token labelled" if answers is None else f"the last {answers} labelled"
+    data = ""
+    if result.get("data"):
+        data = f" (the longest of {result['data']['records']:,} records in {result['data']['path']})"
     lines = [
         f"{result['model']} · {result['method']} ({result['backend']}) · {result['quant']} backbone · "
         f"prompts {result['prompts']['vision']}+{result['prompts']['text']} · "
         f"{result['trained_parameters']:,} trained parameters",
-        f"{result['model_max_length']} tokens per sample ({result['image_tokens']} image), every text token labelled; "
+        f"{result['model_max_length']} tokens per sample ({result['image_tokens']} image), {labelled}{data}; "
         f"GPU {_gib(result['gpu_memory_bytes'])}: fits when peak × {1 + result['fragmentation']:.2f} + "
         f"{_gib(result['margin_bytes'])} ≤ it (peak ≤ {_gib(result['usable_peak_bytes'])})",
         "",
@@ -300,6 +347,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--margin", type=parse_bytes, default=GIB, help="outside the allocator (default 1GiB)")
     parser.add_argument("--fragmentation", type=float, default=0.10, help="allocator slack (default 0.10)")
     parser.add_argument("--no_deepspeed", action="store_true", help="plain AdamW: no fp32 master state added")
+    parser.add_argument("--data_path", help="a LLaVA JSON: plan for its longest sample, as the trainer encodes it "
+                        "(with --model_name_or_path's tokenizer), instead of --model_max_length tokens")
+    parser.add_argument("--image_folder", help="where --data_path's images are (default: beside it)")
+    parser.add_argument("--version", default="v1", help="the conversation template, as the trainer's (default v1)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return parser
 
@@ -329,7 +380,8 @@ def request_from_args(argv=None) -> tuple[PlanRequest, bool]:
         method=args.method, num_vision_prompts=args.num_vision_prompts, num_text_prompts=args.num_text_prompts,
         backend=args.backend, per_device_train_batch_size=args.per_device_train_batch_size,
         micro_batches=micro_batches, margin=args.margin, fragmentation=args.fragmentation,
-        deepspeed=not args.no_deepspeed,
+        deepspeed=not args.no_deepspeed, data_path=args.data_path, image_folder=args.image_folder,
+        version=args.version,
     ), args.json
 
 

@@ -75,6 +75,7 @@ from m2pt_fast.data import (
     SyntheticInstructDataset,
     check_images_decode,
     load_llava_records,
+    longest_sample,
     make_collate,
 )
 from m2pt_fast.ds_config import load_ds_config, offloads_optimizer, resolve_ds_config, zero_stage
@@ -137,6 +138,9 @@ class M2PTRecipe:
         self._setup_precision()
         self._setup_model()
         self._setup_data()
+        wanted = self.cfg.estimate_memory if self.cfg.estimate_memory is not None else self.device.type == "cuda"
+        if wanted and self.rank == 0:  # every rank holds the same model: one count, one line
+            self._log_memory_estimate()
         self._setup_engine()
         self._setup_outputs()
 
@@ -226,28 +230,29 @@ class M2PTRecipe:
         self.parameter_report = trainable_report(self.model)
         log.info("method %s, backend %s, %s backbone\n%s", cfg.method, self.model.backend, self.quant,
                  self.parameter_report)
-        wanted = cfg.estimate_memory if cfg.estimate_memory is not None else self.device.type == "cuda"
-        if wanted and self.rank == 0:  # every rank holds the same model: one count, one line
-            self._log_memory_estimate()
 
     def _log_memory_estimate(self) -> None:
-        """The planner's count (m2pt_fast.plan) for this run's model and options, on meta: seconds."""
+        """The planner's count (m2pt_fast.plan) for this run's model and options, on meta: seconds.
+        Samples are taken as long as the data's longest, as many labelled as its most (--data_path),
+        or --model_max_length tokens, every text token labelled (the embedded set)."""
         from m2pt_fast import plan
 
         cfg = self.cfg
+        tokens, answers = self.longest_sample or (cfg.model_max_length, None)
         report, extra = plan.estimate_run(
             self.model.llava.config, micro_batch=cfg.per_device_train_batch_size,
-            checkpointing=cfg.gradient_checkpointing, model_max_length=cfg.model_max_length, deepspeed=self.bf16,
+            checkpointing=cfg.gradient_checkpointing, model_max_length=tokens, answer_tokens=answers,
+            deepspeed=self.bf16,
             quant=self.quant, dtype=torch.bfloat16 if self.bf16 or self.quant == "bf16" else torch.float32,
             method=cfg.method, num_vision_prompts=cfg.num_vision_prompts, num_text_prompts=cfg.num_text_prompts,
             backend=self.model.backend, tune_projector=cfg.tune_projector, tune_lm_head=cfg.tune_lm_head,
             lora=cfg.lora,
         )
-        log.info("memory estimate: a step of %d samples x %d tokens (checkpointing %s) peaks at %.2f GiB per device "
-                 "(counted on meta%s; the table: python -m m2pt_fast.plan)", cfg.per_device_train_batch_size,
-                 cfg.model_max_length, "on" if cfg.gradient_checkpointing else "off",
-                 (report.peak_bytes + extra) / 2**30,
-                 f", {extra / 2**30:.2f} GiB of it DeepSpeed's fp32 state of the trained parameters" if extra else "")
+        of = f" (the longest in --data_path, {answers} labelled)" if self.longest_sample else ""
+        log.info("memory estimate: a step of %d samples x %d tokens%s (checkpointing %s) peaks at %s per "
+                 "device (counted on meta%s; the table: python -m m2pt_fast.plan)", cfg.per_device_train_batch_size,
+                 tokens, of, "on" if cfg.gradient_checkpointing else "off", plan.size(report.peak_bytes + extra),
+                 f", {plan.size(extra)} of it DeepSpeed's fp32 state of the trained parameters" if extra else "")
 
     def _setup_data(self) -> None:
         cfg = self.cfg
@@ -257,6 +262,7 @@ class M2PTRecipe:
         )
         build = SampleBuilder(encoder, self.preprocess)
         self.skipped_at_start = 0
+        self.longest_sample = None  # (tokens, labelled) of the data's longest sample
         if cfg.data_path:
             records, report = load_llava_records(cfg.data_path, cfg.image_folder, encoder, progress=self.rank == 0)
             self.skipped_at_start = report.total
@@ -265,6 +271,7 @@ class M2PTRecipe:
                 log.warning("%d of the images checked before training do not decode: their records will be "
                             "skipped as training meets them", failed)
             dataset = LlavaJsonDataset(records, build)
+            self.longest_sample = longest_sample(records)
         else:
             dataset = SyntheticInstructDataset(cfg.num_synthetic_samples, cfg.seed, build)
         self.sampler = EpochShardSampler(

@@ -20,6 +20,7 @@ from m2pt_fast.data import (
     SyntheticInstructDataset,
     build_word_tokenizer,
     load_llava_records,
+    longest_sample,
     make_collate,
     synthetic_record,
     synthetic_texts,
@@ -188,6 +189,24 @@ def test_bad_records_are_skipped_and_counted(tokenizer, bad_data_set, caplog):
     assert torch.equal(sample["input_ids"], dataset[0]["input_ids"])
     batch = make_collate(tokenizer.pad_token_id)([dataset[11], sample])
     assert batch["input_ids"].shape[0] == 2 and len(batch["skipped"]) == 1
+
+
+def test_the_longest_sample_is_what_the_data_set_builds(tokenizer, tmp_path):
+    data_path, images = write_llava_json(tmp_path, 12, seed=6)
+    records = json.loads(open(data_path).read())
+    question = "<image>\nWhat is here?"
+    records += [{"id": "long", "image": "000002.png", "conversations": _turns((question, " ".join(["red square"] * 30)))},
+                {"id": "cut", "image": "000003.png",  # over max_length: truncated, its labels with it
+                 "conversations": _turns((question, " ".join(["red square"] * 60)))}]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    loaded, _ = load_llava_records(tmp_path / "data.json", images, _encoder(tokenizer, max_length=120))
+    dataset = LlavaJsonDataset(loaded, _builder(tokenizer, max_length=120))
+    samples = [dataset[i] for i in range(len(dataset))]
+    lengths = [s["input_ids"].numel() for s in samples]
+    labelled = [int((s["labels"] != IGNORE_INDEX).sum()) for s in samples]
+    assert longest_sample(loaded) == (max(lengths), max(labelled))
+    assert lengths[-1] == 120 and max(lengths[:-1]) < 120  # the cut one, at its truncated length
+    assert labelled[-1] == max(labelled) and 61 < labelled[-1] < 121  # more than "long"'s 60 words + </s>, cut
 
 
 def test_a_data_set_with_nothing_usable_is_an_error(tokenizer, tmp_path):

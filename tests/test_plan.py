@@ -136,7 +136,74 @@ def test_the_trainer_logs_the_estimate_when_asked(tmp_path, asked):
                       "--per_device_train_batch_size", "4", "--gradient_checkpointing",
                       "--estimate_memory", "true" if asked else "false")
     found = re.search(r"memory estimate: a step of 4 samples x 2048 tokens \(checkpointing on\) peaks at "
-                      r"([0-9.]+) GiB per device", done.stdout + done.stderr)
+                      r"([0-9.]+) [GM]iB per device", done.stdout + done.stderr)
     assert bool(found) == asked
     if asked:
         assert float(found.group(1)) > 0
+
+
+def _model_directory_with_tokenizer(directory):
+    """A tiny LLaVA directory as save_pretrained writes it, with a tokenizer for the synthetic data's words."""
+    from m2pt_fast import build_llava
+    from m2pt_fast.data import IMAGE, build_word_tokenizer, synthetic_texts, words_of
+    from m2pt_fast.data.conversation import ASSISTANT, SYSTEM_PROMPT, USER
+
+    tokenizer = build_word_tokenizer(words_of([*synthetic_texts(), SYSTEM_PROMPT, f"{USER}: {ASSISTANT}:"]))
+    llava = build_llava("tiny", vocab_size=len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids(IMAGE),
+                        pad_token_id=tokenizer.pad_token_id)
+    llava.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory, tokenizer, llava
+
+
+def test_a_data_set_plans_its_longest_sample(tmp_path, capsys):
+    from m2pt_fast.data import ConversationEncoder, IGNORE_INDEX, write_llava_json
+
+    model_dir, tokenizer, llava = _model_directory_with_tokenizer(tmp_path / "model")
+    data_path, images = write_llava_json(tmp_path / "data", 24, seed=2)
+    # what the trainer's encoder makes of every record, worked out here without the planner
+    encoder = ConversationEncoder(tokenizer, llava.config.image_token_id, 16, 300)
+    encoded = [encoder.encode(r["conversations"]) for r in json.loads(open(data_path).read())]
+    tokens = max(e.input_ids.numel() for e in encoded)
+    labelled = max(int((e.labels != IGNORE_INDEX).sum()) for e in encoded)
+    assert tokens < 300 and labelled < tokens - 17
+
+    base = _tiny(shape=None, model_name_or_path=str(model_dir), model_max_length=300, micro_batches=(2,),
+                 gpu_memory=8 * 2**20)
+    from_data = plan.plan(dataclasses.replace(base, data_path=data_path, image_folder=images))
+    assert from_data["data"] == {"path": data_path, "records": 24, "longest_tokens": tokens, "most_labelled": labelled}
+    assert (from_data["model_max_length"], from_data["answer_tokens"]) == (tokens, labelled)
+    stated = plan.plan(dataclasses.replace(base, model_max_length=tokens, answer_tokens=labelled))
+    assert from_data["checkpointing"] == stated["checkpointing"]
+    assert (from_data["checkpointing"]["off"]["peak_bytes"][2] < plan.plan(base)["checkpointing"]["off"]["peak_bytes"][2])
+    assert f"the last {labelled} labelled (the longest of 24 records in {data_path})" in plan.render(from_data)
+
+    # the command line: the same plan; without a tokenizer to measure with, a clear error
+    capsys.readouterr()  # what writing the data printed
+    assert plan.main(["--model_name_or_path", str(model_dir), "--data_path", data_path, "--image_folder", images,
+                      "--micro_batches", "2", "--json", "--gpu_memory", "8MiB", "--margin", "0",
+                      "--fragmentation", "0", "--no_deepspeed"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["data"] == from_data["data"]
+    assert all(printed["checkpointing"][k]["peak_bytes"]["2"] == from_data["checkpointing"][k]["peak_bytes"][2]
+               for k in ("off", "on"))
+    assert plan.main(["--shape", "tiny", "--data_path", data_path]) == 2
+    assert "--data_path needs --model_name_or_path" in capsys.readouterr().err
+
+
+def test_the_trainer_estimates_for_its_data_s_longest_sample(tmp_path):
+    import re
+
+    from launch import python_run
+
+    from m2pt_fast.data import write_llava_json
+
+    data_path, images = write_llava_json(tmp_path / "data", 8, seed=3)
+    done = python_run(tmp_path / "run", "--max_steps", "1", "--dataloader_num_workers", "0",
+                      "--per_device_train_batch_size", "2", "--estimate_memory", "true",
+                      "--data_path", data_path, "--image_folder", images)
+    found = re.search(r"memory estimate: a step of 2 samples x (\d+) tokens \(the longest in --data_path, (\d+) "
+                      r"labelled\) \(checkpointing off\) peaks at ([0-9.]+) [GM]iB", done.stdout + done.stderr)
+    assert found, (done.stdout + done.stderr)[-2000:]
+    tokens, labelled = int(found.group(1)), int(found.group(2))
+    assert 0 < labelled < tokens < 2048 and float(found.group(3)) > 0

@@ -11,6 +11,7 @@ from .llava_json import (
     SyntheticInstructDataset,
     check_images_decode,
     load_llava_records,
+    longest_sample,
     make_collate,
 )
 from .sampler import EpochShardSampler
@@ -21,6 +22,6 @@ __all__ = [
     "IGNORE_INDEX", "IMAGE", "BadRecord", "ConversationEncoder", "EpochShardSampler", "ImagePreprocessor",
     "LlavaJsonDataset",
     "SampleBuilder", "SkipReport", "SyntheticInstructDataset", "build_word_tokenizer", "check_images_decode",
-    "load_llava_records",
+    "load_llava_records", "longest_sample",
     "held_out_record", "make_collate", "synthetic_record", "synthetic_texts", "words_of", "write_llava_json",
 ]

@@ -96,12 +96,13 @@ def load_llava_records(
             if not isinstance(entry.get("image"), str):
                 raise BadRecord("malformed: no 'image' file name (text-only records are not supported)")
             _check_image_header(folder / entry["image"])
-            encoder.encode(entry.get("conversations"))
+            encoded = encoder.encode(entry.get("conversations"))
         except BadRecord as e:
             report.add(where, e)
             continue
         records.append({"id": str(entry.get("id", position)), "image": str(folder / entry["image"]),
-                        "conversations": entry["conversations"]})
+                        "conversations": entry["conversations"], "tokens": int(encoded.input_ids.numel()),
+                        "labelled": int((encoded.labels != IGNORE_INDEX).sum())})
     if report.total:
         log.warning(
             "skipped %d of %d records in %s (%s); first ones:\n  %s",
@@ -113,6 +114,12 @@ def load_llava_records(
             "check --data_path and --image_folder"
         )
     return records, report
+
+
+def longest_sample(records: list[dict[str, Any]]) -> tuple[int, int]:
+    """(the most tokens, the most labelled tokens) of any record from `load_llava_records`, as encoded
+    (truncation included): a batch of b of them bounds what any step of b samples holds."""
+    return max(r["tokens"] for r in records), max(r["labelled"] for r in records)
 
 
 def _check_image_header(path: Path) -> None:
