@@ -1,8 +1,9 @@
 """Deep prompt tuning without LLaVA: the same machinery on a plain vision or language model.
 
-- `DeepVisionPrompts`: VPT-deep on a transformers `CLIPVisionModel` — n trainable prompt rows in
-  every encoder layer, the backbone frozen.
-- `DeepTextPrompts`: deep text prompts (prefix tuning with prompt rows) on a `LlamaForCausalLM` —
+- `DeepVisionPrompts`: VPT-deep on a transformers `CLIPVisionModel` or `SiglipVisionModel` — n
+  trainable prompt rows in every encoder layer, the backbone frozen.
+- `DeepTextPrompts`: deep text prompts (prefix tuning with prompt rows) on a decoder-only causal LM
+  (`LlamaForCausalLM`, and the families of docs/models.md: Qwen2, Qwen3, Mistral, Phi-3, Gemma) —
   n trainable rows before every decoder layer's input, the backbone frozen; trains and generates.
 
 Both have M²PT's two backends: "reference" puts the prompt rows in the sequence, "fused" hands each
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import CLIPVisionModel, LlamaForCausalLM
+from transformers import CLIPVisionModel, PreTrainedModel, SiglipVisionModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .attention import route_attention
@@ -29,12 +30,14 @@ def _prompt_parameter(layers: int, n: int, width: int, like: torch.Tensor) -> nn
 
 
 class DeepVisionPrompts(PromptTuned, nn.Module):
-    """VPT-deep: prompts (L, n, d) in every layer of a frozen CLIPVisionModel."""
+    """VPT-deep: prompts (L, n, d) in every layer of a frozen CLIPVisionModel or SiglipVisionModel."""
 
-    def __init__(self, vision_model: CLIPVisionModel, num_prompts: int = 10, *, backend: str = "fused"):
+    def __init__(self, vision_model: CLIPVisionModel | SiglipVisionModel, num_prompts: int = 10, *,
+                 backend: str = "fused"):
         super().__init__()
-        if not isinstance(vision_model, CLIPVisionModel):
-            raise TypeError(f"DeepVisionPrompts takes a transformers CLIPVisionModel, got {type(vision_model).__name__}")
+        if not isinstance(vision_model, (CLIPVisionModel, SiglipVisionModel)):
+            raise TypeError("DeepVisionPrompts takes a transformers CLIPVisionModel or SiglipVisionModel, got "
+                            f"{type(vision_model).__name__}")
         self.vision_model = vision_model.requires_grad_(False)
         self.backend = backend
         route_attention(vision_model)
@@ -47,25 +50,39 @@ class DeepVisionPrompts(PromptTuned, nn.Module):
         return self.vision_model
 
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> BaseModelOutputWithPooling:
-        """pixel_values (B, 3, H, W) -> last_hidden_state (B, 1 + patches, d) without prompt rows,
-        pooler_output (B, d) (post-layernormed CLS), and every layer's state when asked."""
+        """pixel_values (B, 3, H, W) -> what the plain model returns, without prompt rows: CLIP's
+        last_hidden_state (B, 1 + patches, d) and pooler_output (B, d) (post-layernormed CLS); SigLIP's
+        post-layernormed last_hidden_state (B, patches, d) and its attention-pooling head's output (None
+        without a head); every layer's state when asked."""
         tower = clip_parts(self.vision_model)
         states = vision_states(self, tower, pixel_values, self.prompts, len(tower.encoder.layers))
         last = states[-1]
+        if isinstance(self.vision_model, SiglipVisionModel):
+            last = tower.post_layernorm(last)
+            pooled = tower.head(last) if tower.use_head else None
+        else:
+            pooled = tower.post_layernorm(last[:, 0])
         return BaseModelOutputWithPooling(
             last_hidden_state=last,
-            pooler_output=tower.post_layernorm(last[:, 0]),
+            pooler_output=pooled,
             hidden_states=tuple(states) if output_hidden_states else None,
         )
 
 
-class DeepTextPrompts(PromptTuned, nn.Module):
-    """Deep text prompts (L, n, d) before every decoder layer of a frozen LlamaForCausalLM."""
+_DECODER_PARTS = ("embed_tokens", "layers", "rotary_emb", "norm")
 
-    def __init__(self, causal_lm: LlamaForCausalLM, num_prompts: int = 10, *, backend: str = "fused"):
+
+class DeepTextPrompts(PromptTuned, nn.Module):
+    """Deep text prompts (L, n, d) before every decoder layer of a frozen decoder-only causal LM."""
+
+    def __init__(self, causal_lm: PreTrainedModel, num_prompts: int = 10, *, backend: str = "fused"):
         super().__init__()
-        if not isinstance(causal_lm, LlamaForCausalLM):
-            raise TypeError(f"DeepTextPrompts takes a transformers LlamaForCausalLM, got {type(causal_lm).__name__}")
+        decoder = getattr(causal_lm, "model", None)
+        if not (isinstance(causal_lm, PreTrainedModel) and hasattr(causal_lm, "lm_head")
+                and all(hasattr(decoder, part) for part in _DECODER_PARTS)):
+            raise TypeError("DeepTextPrompts takes a transformers decoder-only causal LM laid out as "
+                            "LlamaForCausalLM is (.model with embed_tokens, layers, rotary_emb, norm; .lm_head), "
+                            f"got {type(causal_lm).__name__}")
         self.causal_lm = causal_lm.requires_grad_(False)
         self.backend = backend
         route_attention(causal_lm)

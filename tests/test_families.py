@@ -10,14 +10,15 @@ batch; decoding equals the greedy loop. What differs in each:
 - Phi-3: one fused qkv_proj (the capture computes it whole) and a fused gate_up_proj.
 - Gemma: input embeddings scaled by sqrt(d), GELU-tanh MLP, RMSNorm with (1 + w).
 And what is refused, rather than computed wrongly: Gemma 2's logit soft-capping, and a sliding
-window shorter than the keys in the fused backend (the reference computes it).
+window shorter than the keys in the fused backend (the reference computes it). The deep prompt
+tuners without LLaVA take these decoders (and Qwen2) as causal LMs, and SigLIP as a vision model.
 """
 import pytest
 import torch
-from transformers import (CLIPVisionConfig, GemmaConfig, Gemma2Config, LlavaConfig, MistralConfig, Phi3Config,
-                          Qwen3Config)
+from transformers import (AutoModelForCausalLM, CLIPVisionConfig, GemmaConfig, Gemma2Config, LlavaConfig,
+                          MistralConfig, Phi3Config, Qwen2Config, Qwen3Config, SiglipVisionConfig, SiglipVisionModel)
 
-from m2pt_fast import apply_m2pt, build_llava
+from m2pt_fast import DeepTextPrompts, DeepVisionPrompts, apply_m2pt, build_llava
 
 from model_inputs import IMAGE_TOKEN, make_batch
 from test_fused import padded_batch, rel_err, run
@@ -132,3 +133,67 @@ def test_logit_soft_capping_is_refused():
     assert text.attn_logit_softcapping and text.final_logit_softcapping
     with pytest.raises(ValueError, match="caps logits"):
         apply_m2pt(llava_with(text, attn_implementation="eager"), 3, 4)
+
+
+@pytest.mark.parametrize("family", [*DECODERS, "qwen2"])
+def test_deep_text_prompts_on_each_causal_lm(family):
+    config = DECODERS[family]() if family in DECODERS else Qwen2Config(**SMALL)
+    torch.manual_seed(12)
+    lm = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    ids = torch.randint(3, 128, (3, 11), generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        plain = lm(input_ids=ids, labels=ids)
+        empty = DeepTextPrompts(lm, 0, backend="reference")(ids, labels=ids)
+    torch.testing.assert_close(empty.logits, plain.logits, rtol=1e-5, atol=1e-5)
+
+    tuned = DeepTextPrompts(lm, 4)
+    mask = torch.ones_like(ids)
+    mask[2, -4:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    results = {}
+    for backend in ("reference", "fused"):
+        tuned.backend = backend
+        tuned.zero_grad()
+        out = tuned(ids, mask, labels)
+        out.loss.backward()
+        results[backend] = (out.loss.detach(), tuned.text_prompts.grad.clone())
+    assert abs(results["fused"][0].item() - results["reference"][0].item()) <= 1e-5 * results["reference"][0].item()
+    assert rel_err(results["fused"][1], results["reference"][1]) < 1e-5
+
+    lm.generation_config.eos_token_id = None
+    expected = ids[:1]
+    for _ in range(4):  # the greedy loop over full forwards
+        with torch.no_grad():
+            expected = torch.cat([expected, tuned(expected).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(tuned.generate(ids[:1], max_new_tokens=4), expected)
+
+
+@pytest.mark.parametrize("head", [True, False])
+def test_vpt_deep_on_siglip(head):
+    torch.manual_seed(14)
+    siglip = SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                                  num_attention_heads=4, image_size=28, patch_size=7,
+                                                  vision_use_head=head)).eval()
+    pixels = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        plain = siglip(pixels)
+        empty = DeepVisionPrompts(siglip, 0, backend="reference")(pixels)
+    torch.testing.assert_close(empty.last_hidden_state, plain.last_hidden_state, rtol=1e-6, atol=1e-6)
+    if head:
+        torch.testing.assert_close(empty.pooler_output, plain.pooler_output, rtol=1e-6, atol=1e-6)
+    else:
+        assert empty.pooler_output is None and plain.pooler_output is None
+
+    tuned = DeepVisionPrompts(siglip, 5)
+    weights = torch.randn(2, 16, 32)
+    results = {}
+    for backend in ("reference", "fused"):
+        tuned.backend = backend
+        tuned.zero_grad()
+        out = tuned(pixels)
+        loss = (out.last_hidden_state * weights).sum() + (out.pooler_output.square().sum() if head else 0)
+        loss.backward()
+        results[backend] = (out.last_hidden_state.detach(), tuned.prompts.grad.clone())
+    torch.testing.assert_close(results["fused"][0], results["reference"][0], rtol=1e-5, atol=1e-5)
+    assert rel_err(results["fused"][1], results["reference"][1]) < 1e-5
+    assert (results["fused"][1].flatten(1).abs().sum(1) > 0).all()  # every layer's prompts learn

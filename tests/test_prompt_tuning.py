@@ -100,10 +100,12 @@ def test_deep_text_prompts_generate_like_a_greedy_loop():
 
 
 def test_wrong_models_are_refused():
-    with pytest.raises(TypeError, match="CLIPVisionModel"):
+    with pytest.raises(TypeError, match="CLIPVisionModel or SiglipVisionModel"):
         DeepVisionPrompts(llama())
-    with pytest.raises(TypeError, match="LlamaForCausalLM"):
+    with pytest.raises(TypeError, match="decoder-only causal LM"):
         DeepTextPrompts(clip())
+    with pytest.raises(TypeError, match="decoder-only causal LM"):
+        DeepTextPrompts(llama().model)  # the decoder without its lm_head
     with pytest.raises(ValueError, match="non-negative"):
         DeepTextPrompts(llama(), -2)
 
