@@ -617,6 +617,16 @@ def _check_inputs(q, k, v, prefix_k, prefix_v, kv_lens) -> None:
         fail(f"all tensors must be on one device; got {devices}")
 
 
+# torch.amp.is_autocast_available, asked once per device type outside any trace: torch 2.11's dynamo
+# cannot trace it (a fullgraph torch.compile of a caller fails), later releases can.
+_AUTOCAST_AVAILABLE = {t: torch.amp.is_autocast_available(t) for t in ("cpu", "cuda", "meta", "xpu", "mps")}
+
+
+def _autocast_available(device_type: str) -> bool:
+    known = _AUTOCAST_AVAILABLE.get(device_type)
+    return torch.amp.is_autocast_available(device_type) if known is None else known
+
+
 def prefix_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -651,7 +661,7 @@ def prefix_attention(
     """
     # is_autocast_enabled raises for a device type autocast does not know (meta, used to trace
     # shapes and count work): such a device has no autocast to honour.
-    if torch.amp.is_autocast_available(q.device.type) and torch.is_autocast_enabled(q.device.type):
+    if _autocast_available(q.device.type) and torch.is_autocast_enabled(q.device.type):
         # Like SDPA under autocast: attention runs in the autocast dtype, whatever the inputs'
         # (typically bf16 activations meeting fp32 prefix parameters).
         dtype = torch.get_autocast_dtype(q.device.type)
