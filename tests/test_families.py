@@ -90,6 +90,7 @@ def test_fused_loss_and_gradients_equal_reference(family):
 def test_generation_equals_the_greedy_loop(family):
     llava = llava_with(DECODERS[family](), seed=7)
     llava.generation_config.eos_token_id = None  # the loop never stops early
+    llava.generation_config.suppress_tokens = [IMAGE_TOKEN]  # as test_generation's fixture
     model = apply_m2pt(llava, 3, 4)
     ids, pixels, _ = make_batch(model, batch=2, seed=8)
     assert torch.equal(model.generate(ids, pixels, max_new_tokens=5), greedy_loop(model, ids, pixels, 5))

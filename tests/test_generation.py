@@ -11,15 +11,20 @@ from model_inputs import make_batch
 def model(request):
     llava = build_llava(request.param, seed=3)
     llava.generation_config.eos_token_id = None  # the oracle loop below never stops early
+    # a generated image token would make the oracle's next full forward one image token too many
+    llava.generation_config.suppress_tokens = [llava.config.image_token_id]
     return apply_m2pt(llava, 4, 5)
 
 
 def greedy_loop(model, ids, pixels, steps):
-    """The oracle: no cache, the whole sequence re-run for every new token."""
+    """The oracle: no cache, the whole sequence re-run for every new token (never the image token,
+    which the fixture's generation config suppresses too)."""
     for _ in range(steps):
         with torch.no_grad():
-            logits = model(ids, pixels).logits
-        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            logits = model(ids, pixels).logits[:, -1]
+        if model.llava.generation_config.suppress_tokens:
+            logits[:, model.llava.generation_config.suppress_tokens] = float("-inf")
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
     return ids
 
 
