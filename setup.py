@@ -23,11 +23,16 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 
-# torch is not pinned to one build: setup.sh installs the right one first (the CPU wheel on machines
-# without a GPU, the existing CUDA build kept on GPU machines); pip then sees it satisfied.
+# torch is not pinned to one build: setup.sh installs one first where none is present and otherwise
+# keeps the installed build (pinned for pip, so that no requirement can replace it). setup.sh reads
+# TORCH_REQUIREMENT from this file to refuse an unsupported torch before it changes anything.
+# M2PT_ANY_TORCH=1 (setup.sh says when) drops the torch and triton ranges: an untested pairing.
+ANY_TORCH = os.environ.get("M2PT_ANY_TORCH") == "1"
+TORCH_REQUIREMENT = "torch>=2.11,<2.16"
+TRITON_REQUIREMENT = "triton>=3.2,<3.10"
 INSTALL_REQUIRES = [
-    "torch>=2.11,<2.14",
-    "transformers>=5.17,<5.25",
+    "torch" if ANY_TORCH else TORCH_REQUIREMENT,
+    "transformers>=5.17,<5.26",
     "safetensors>=0.4",
     "pillow>=10",
     "tqdm>=4.60",
@@ -37,7 +42,7 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     "dev": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7"],
-    "triton": ["triton>=3.2,<3.8"],
+    "triton": ["triton" if ANY_TORCH else TRITON_REQUIREMENT],
     "bitsandbytes": ["bitsandbytes>=0.50,<0.51"],
     # deepspeed ships only an sdist; setup.sh builds it with DS_BUILD_OPS=0 (ops JIT-compile later).
     "deepspeed": ["deepspeed>=0.17,<0.20", "psutil>=5.9"],

@@ -15,6 +15,8 @@ from torch import nn
 from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config,
                           SiglipVisionConfig)
 
+from m2pt_fast import compat
+
 
 class LinearProjector(nn.Module):
     """The single linear interaction layer of the original LLaVA (v1), which transformers' Llava lacks."""
@@ -230,7 +232,6 @@ def load_llava(
     weights = [*path.glob("*.safetensors"), *path.glob("*.bin"), *path.glob("*.safetensors.index.json")]
     if not weights:
         raise FileNotFoundError(f"{str(path)!r} has a config.json but no weights (*.safetensors or *.bin)")
-    model = LlavaForConditionalGeneration.from_pretrained(
-        path, local_files_only=True, dtype=dtype, attn_implementation=attn_implementation
-    )
+    model = compat.from_pretrained(LlavaForConditionalGeneration, path, dtype=dtype,
+                                   attn_implementation=attn_implementation)
     return model.to(device).eval()

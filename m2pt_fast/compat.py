@@ -1,6 +1,6 @@
 """What differs between the transformers releases m2pt_fast supports, in one place.
 
-Supported: transformers 5.17 through 5.24 (setup.py states the range; docs/compatibility.md lists what
+Supported: transformers 5.17 through 5.25 (setup.py states the range; docs/compatibility.md lists what
 was run). Everything else in m2pt_fast calls transformers through the names below, so a new release
 that moves something again is fixed here, and `tests/test_compat.py` says what broke.
 
@@ -12,6 +12,11 @@ What moved, and when:
   The release is told apart by the mask helper's signature, not by a version number.
 - 5.24 checkpoints a `GradientCheckpointingLayer`'s `forward` rather than its `__call__`; both read
   the same two attributes (`gradient_checkpointing`, `_gradient_checkpointing_func`), set here.
+- 5.25 kernelizes every model `from_pretrained` loads unless told not to (`use_kernels` defaults to
+  True): it needs the `kernels` package, and where that is installed it may replace layers (RMSNorm,
+  MLPs, attention) with kernels fetched from the hub, the very classes our attention route and lean
+  modules recognise. `from_pretrained` here always passes `use_kernels=False`, which every supported
+  release takes (5.17 through 5.24 default it to False).
 - Some releases build an image processor directory's default (torchvision) class in
   `AutoImageProcessor` and fail without torchvision; the PIL class of the same name reads the same
   config (`load_image_processor`).
@@ -38,6 +43,7 @@ __all__ = [
     "cache_kwargs",
     "causal_mask",
     "deepspeed_cpu_comm_without_shm",
+    "from_pretrained",
     "layer_types",
     "load_image_processor",
     "new_cache",
@@ -89,6 +95,12 @@ def set_layer_checkpointing(layer: GradientCheckpointingLayer, enabled: bool, re
     runs fn and recomputes it in backward (e.g. torch.utils.checkpoint.checkpoint)."""
     layer.gradient_checkpointing = enabled
     layer._gradient_checkpointing_func = recompute
+
+
+def from_pretrained(model_class, path, **kwargs):
+    """`model_class.from_pretrained(path, **kwargs)` from local files only, with transformers' own
+    layers: never kernelized (5.25's default), so nothing is fetched and no layer class is swapped."""
+    return model_class.from_pretrained(path, local_files_only=True, use_kernels=False, **kwargs)
 
 
 def load_image_processor(model_dir: str):

@@ -43,6 +43,8 @@ class Judge:
 
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from m2pt_fast import compat
+
         if not (Path(path) / "config.json").is_file():
             raise ValueError(f"--judge_model_name_or_path {path}: no config.json there (a local causal LM "
                              "directory, e.g. vicuna-13b-v1.5; nothing is downloaded)")
@@ -50,7 +52,7 @@ class Judge:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.unk_token or self.tokenizer.eos_token
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype).to(device).eval()
+        self.model = compat.from_pretrained(AutoModelForCausalLM, path, dtype=dtype).to(device).eval()
         self.device = device
 
     def _chat(self, text: str) -> str:

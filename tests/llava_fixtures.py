@@ -9,6 +9,8 @@ import torch
 from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPVisionConfig,
                           CLIPVisionModel, LlamaConfig, LlamaForCausalLM)
 
+from m2pt_fast import compat
+
 IMAGE_SIZE, PATCH = 28, 7
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
               image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=16)
@@ -71,7 +73,7 @@ def llava_directory(directory: Path, llama: Path, clip: Path, kind: str = "mlp2x
     """A LLaVA-layout directory: the LLaMA weights under LLaVA's names plus the projector; config.json
     as LLaVA writes it (model_type "llava", LlavaLlamaForCausalLM, mm_* keys)."""
     directory.mkdir(parents=True)
-    weights = LlamaForCausalLM.from_pretrained(llama).state_dict()
+    weights = compat.from_pretrained(LlamaForCausalLM, llama).state_dict()
     weights.update(projector_tensors(kind))
     config = json.loads((llama / "config.json").read_text())
     config.update(architectures=["LlavaLlamaForCausalLM"], model_type="llava", mm_hidden_size=VISION["hidden_size"],

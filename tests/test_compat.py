@@ -117,3 +117,24 @@ def test_public_paths_raise_no_deprecation_warnings():
                                 env=env, cwd=cwd, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.strip() == "done", f"deprecation messages from our calls:\n{result.stdout}"
+
+
+def test_loading_never_kernelizes(tmp_path, monkeypatch):
+    # 5.25 kernelizes whatever from_pretrained loads unless told not to; compat.from_pretrained must
+    # keep transformers' own layers on every release. The recorder sees what the load asked for.
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=64)).save_pretrained(tmp_path)
+    asked = []
+    if hasattr(PreTrainedModel, "set_use_kernels"):
+        original = PreTrainedModel.set_use_kernels
+        monkeypatch.setattr(PreTrainedModel, "set_use_kernels",
+                            lambda self, use_kernels, *a, **k: (asked.append(use_kernels),
+                                                                original(self, use_kernels, *a, **k))[1])
+    model = compat.from_pretrained(LlamaForCausalLM, tmp_path)
+    assert not any(asked), asked
+    assert not getattr(model, "use_kernels", False)
+    assert type(model.model.norm) is LlamaRMSNorm
+    assert not [name for name, module in model.named_modules() if type(module).__module__.startswith("kernels")]

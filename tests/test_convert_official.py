@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from llava_fixtures import VISION, clip_directory, llama_directory, projector_file
 from transformers import CLIPVisionModel, LlamaForCausalLM
 
-from m2pt_fast import load_llava
+from m2pt_fast import compat, load_llava
 from m2pt_fast.convert_official import main
 from m2pt_fast.methods import load_output
 
@@ -21,7 +21,7 @@ def official(tmp_path_factory):
     root = tmp_path_factory.mktemp("official")
     clip, llama = clip_directory(root / "clip"), llama_directory(root / "vicuna")
     g = torch.Generator().manual_seed(7)
-    state = LlamaForCausalLM.from_pretrained(llama).state_dict()
+    state = compat.from_pretrained(LlamaForCausalLM, llama).state_dict()
     put = {
         "vision": [torch.randn(1, N_V, VISION["hidden_size"], generator=g) for _ in range(VISION["num_hidden_layers"])],
         "text": [torch.randn(1, N_T, 64, generator=g) for _ in range(2)],
@@ -34,7 +34,7 @@ def official(tmp_path_factory):
         checkpoint[f"model.vision_tower.vision_tower.vision_model.encoder.prompts.{i}"] = p
     for j, p in enumerate(put["text"]):
         checkpoint[f"model.prompts.{j}"] = p
-    for key, tensor in CLIPVisionModel.from_pretrained(clip).state_dict().items():  # it saves the tower too
+    for key, tensor in compat.from_pretrained(CLIPVisionModel, clip).state_dict().items():  # it saves the tower too
         checkpoint[f"model.vision_tower.vision_tower.vision_model.{key.removeprefix('vision_model.')}"] = tensor
     (root / "ckpt").mkdir()
     torch.save(checkpoint, root / "ckpt" / "pytorch_model.bin")
@@ -53,7 +53,7 @@ def released_vision_features(clip_dir, prompts, weight, bias, pixels):
     """The released code's function: prompts[0] prepended after the pre-layernorm, prompts[i]
     written over the prompt rows before layer i, hidden_states[-2] (the last layer's input, its
     prompts in it) minus row 0, then the linear projector."""
-    tower = CLIPVisionModel.from_pretrained(clip_dir).eval()
+    tower = compat.from_pretrained(CLIPVisionModel, clip_dir).eval()
     parts = getattr(tower, "vision_model", tower)
     inputs = []
 

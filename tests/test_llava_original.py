@@ -12,7 +12,7 @@ from llava_fixtures import (VOCAB, clip_directory, llama_directory, llava_direct
                             projector_tensors)
 from transformers import CLIPVisionModel, LlamaForCausalLM
 
-from m2pt_fast import load_llava
+from m2pt_fast import compat, load_llava
 from m2pt_fast.llava_original import LlavaSourceError
 
 
@@ -26,8 +26,8 @@ def files(tmp_path_factory):
 def llava_by_hand(llama_dir, clip_dir, projector, layer, feature, before, after, pixels):
     """What LLaVA computes: CLIP hidden states of `layer` (CLS dropped for "patch"), the projector,
     spliced between the text before and after the image, through the LLaMA decoder."""
-    tower = CLIPVisionModel.from_pretrained(clip_dir).eval()
-    llama = LlamaForCausalLM.from_pretrained(llama_dir).eval()
+    tower = compat.from_pretrained(CLIPVisionModel, clip_dir).eval()
+    llama = compat.from_pretrained(LlamaForCausalLM, llama_dir).eval()
     with torch.no_grad():
         states = tower(pixels, output_hidden_states=True).hidden_states[layer]
         states = states[:, 1:] if feature == "patch" else states
