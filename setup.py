@@ -41,7 +41,11 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "dev": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7"],
+    "dev": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7", "ruff>=0.15", "tensorboard>=2.14",
+            "wandb>=0.18"],
+    # --report_to (m2pt_fast/reporting.py): not installed by setup.sh unless dev
+    "tensorboard": ["tensorboard>=2.14"],
+    "wandb": ["wandb>=0.18"],
     "triton": ["triton" if ANY_TORCH else TRITON_REQUIREMENT],
     "bitsandbytes": ["bitsandbytes>=0.50,<0.51"],
     # deepspeed ships only an sdist; setup.sh builds it with DS_BUILD_OPS=0 (ops JIT-compile later).

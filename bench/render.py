@@ -34,7 +34,8 @@ def headline_table(headline: dict) -> str:
             "| figure | ours | baseline | ours ÷ baseline |", "| --- | --- | --- | --- |"]
     for key, label, pattern in HEADLINE_FIELDS:
         ours, base = headline["ours"].get(key), headline["baseline"].get(key)
-        ratio = f"{ours / base:.2f}×" if isinstance(ours, (int, float)) and isinstance(base, (int, float)) and base else "—"
+        numbers = isinstance(ours, (int, float)) and isinstance(base, (int, float))
+        ratio = f"{ours / base:.2f}×" if numbers and base else "—"
         rows.append(f"| {label} | {_fmt(key, ours, pattern)} | {_fmt(key, base, pattern)} | {ratio} |")
     return "\n".join(rows)
 
@@ -59,7 +60,8 @@ def plot_headline(headline: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fields = [(k, label) for k, label, _ in HEADLINE_FIELDS
-              if isinstance(headline["ours"].get(k), (int, float)) and isinstance(headline["baseline"].get(k), (int, float))]
+              if isinstance(headline["ours"].get(k), (int, float))
+              and isinstance(headline["baseline"].get(k), (int, float))]
     fig, axes = plt.subplots(1, max(1, len(fields)), figsize=(3.2 * max(1, len(fields)), 3.2))
     axes = axes if len(fields) > 1 else [axes]
     for ax, (key, label) in zip(axes, fields):

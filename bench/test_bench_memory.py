@@ -17,8 +17,8 @@ breakdown accounts for every byte of the peak; ours holds no vocabulary-sized lo
 import importlib.util
 
 import pytest
-
 import workloads
+
 from m2pt_fast import memory
 
 SHAPE = workloads.HEADLINE

@@ -129,6 +129,7 @@ def test_bench_nf4_linear(benchmark, weight, M, provider, pass_):
 
     path = "fused" if (provider == "ours" and M <= nf4_ops.FUSED_MAX_M) else "dequantize+matmul"
     # fwd: 2·M·N·K; backward adds only the input gradient (another 2·M·N·K), never dW (frozen)
-    _info(benchmark, op="linear", weight=name, M=M, N=n, K=k, pass_=pass_, flops=(2 if pass_ == "fwd" else 4) * M * n * k,
+    _info(benchmark, op="linear", weight=name, M=M, N=n, K=k, pass_=pass_,
+          flops=(2 if pass_ == "fwd" else 4) * M * n * k,
           path=path if provider == "ours" else provider, fused_max_m=nf4_ops.FUSED_MAX_M)
     _run(benchmark, fn)

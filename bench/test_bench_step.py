@@ -4,15 +4,14 @@
 
 On CUDA: the headline shape of docs/benchmarks.md (LLaVA-1.5-7B, NF4, bf16, micro-batch 8, 576 image + 128 text
 tokens, 32 answer tokens, n_v = n_t = 10), reporting samples/s, tokens/s, peak memory (beside its count
-on meta, m2pt_fast.memory) and MFU against the dense bf16 rate measured in the same run, plus the largest micro-batch that fits in 24 GiB; the
-run also writes bench/results/headline-<gpu>-<date>.json. On a CPU: a tiny shape, to prove the
-harness (CPU timings are not performance figures).
+on meta, m2pt_fast.memory) and MFU against the dense bf16 rate measured in the same run, plus the largest
+micro-batch that fits in 24 GiB; the run also writes bench/results/headline-<gpu>-<date>.json. On a CPU: a
+tiny shape, to prove the harness (CPU timings are not performance figures).
 """
 import importlib.util
 
 import pytest
 import torch
-
 import workloads
 
 HAS_CUDA = torch.cuda.is_available()
@@ -57,7 +56,7 @@ def test_train_step(benchmark, provider, checkpointing):
         except torch.OutOfMemoryError:
             fits = False  # release outside the handler: the live exception holds the step's tensors
         if not fits:
-            del model, optimizer, batch
+            model = optimizer = batch = None  # the step's tensors go before the skip
             workloads.release_memory()
             pytest.skip(f"{provider} without checkpointing does not fit at micro-batch {SHAPE.batch}")
 
@@ -87,7 +86,7 @@ def test_train_step(benchmark, provider, checkpointing):
         figures["mfu"] = figures["useful_tflop_per_step"] * 1e12 / seconds / _dense_rate["rate"]
     benchmark.extra_info.update(shape=str(SHAPE), device=DEVICE, checkpointing=checkpointing, **figures)
     workloads.HEADLINE_RESULTS.setdefault(provider, {}).setdefault("steps", {})[checkpointing] = figures
-    del model, optimizer, batch, loss  # the loss's graph keeps the NF4 weights alive (autograd ctx)
+    model = optimizer = batch = loss = None  # the loss's graph keeps the NF4 weights alive (autograd ctx)
     workloads.release_memory()
 
 

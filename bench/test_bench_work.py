@@ -15,9 +15,8 @@ fused path's logits grow with the answer tokens, not the sequence (the reference
 """
 import dataclasses
 
-import pytest
-
 import meta_work
+import pytest
 
 PROVIDERS = ("baseline", "ours")
 LONGER_TEXT = 2 * meta_work.headline_shape().text_tokens

@@ -225,7 +225,8 @@ def useful_flops_per_sample(model, shape: StepShape) -> float:
     vision_matmul = vision_layers * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
     vision = 2 * vision_matmul * vision_tokens
     vision_attention = vision_layers * 4 * vision_tokens * (vision_tokens + n) * v.hidden_size  # QKᵀ and PV, full
-    text_matmul = t.num_hidden_layers * (t.hidden_size * (2 * q_width + 2 * kv_width) + 3 * t.hidden_size * t.intermediate_size)
+    text_matmul = t.num_hidden_layers * (t.hidden_size * (2 * q_width + 2 * kv_width)
+                                         + 3 * t.hidden_size * t.intermediate_size)
     text = 2 * text_matmul * text_tokens
     text_attention = t.num_hidden_layers * 4 * text_tokens * (text_tokens / 2 + n) * q_width  # causal: half the keys
     projector = 2 * sum(p.numel() for p in model.projector.parameters() if p.dim() == 2) * model.image_seq_length

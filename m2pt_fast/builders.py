@@ -12,8 +12,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config,
-                          SiglipVisionConfig)
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    Qwen2Config,
+    SiglipVisionConfig,
+)
 
 from m2pt_fast import compat
 
@@ -215,7 +221,8 @@ def load_llava(
 
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"model directory {str(path)!r} does not exist (local directories only; nothing is downloaded)")
+        raise FileNotFoundError(f"model directory {str(path)!r} does not exist (local directories only; "
+                                "nothing is downloaded)")
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{str(path)!r} has no config.json: is it a transformers model directory?")
     from m2pt_fast import llava_original

@@ -86,7 +86,8 @@ def pope_scores(rows: Iterable[Mapping]) -> dict:
     script divides by zero there)."""
     by_split: dict[str, list[tuple[bool, bool]]] = defaultdict(list)
     for row in rows:
-        by_split[row["category"]].append((row["label"].strip().lower() == "yes", pope_label(row["prediction"]) == "yes"))
+        by_split[row["category"]].append((row["label"].strip().lower() == "yes",
+                                          pope_label(row["prediction"]) == "yes"))
     scores = {}
     for split, pairs in by_split.items():
         tp = sum(t and p for t, p in pairs)

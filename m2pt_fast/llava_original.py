@@ -137,7 +137,8 @@ def _tower_tensors(directory: Path) -> dict[str, torch.Tensor]:
             if key.startswith(VISION_PARTS):
                 found[key] = tensor
     if not found:
-        raise LlavaSourceError(f"vision tower {directory} holds no CLIP vision weights (vision_model.* or embeddings.*)")
+        raise LlavaSourceError(f"vision tower {directory} holds no CLIP vision weights "
+                               "(vision_model.* or embeddings.*)")
     return found
 
 
@@ -339,9 +340,8 @@ def load_original(
 def _set_nf4_layer(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Replace the nn.Linear `name` by an NF4Linear holding a bitsandbytes 4-bit weight's tensors
     (transformers' serialization: `weight` packed, `weight.*` statistics), keeping its bias."""
-    from m2pt_kernels.nf4_format import NF4Weight
-
     from m2pt_fast.quantize import NF4Linear
+    from m2pt_kernels.nf4_format import NF4Weight
 
     if "weight.quant_state.bitsandbytes__nf4" not in tensors:
         raise LlavaSourceError(f"{path}: {name}.weight is packed but has no quant_state.bitsandbytes__nf4 entry "

@@ -24,7 +24,7 @@ import contextlib
 import dataclasses
 import functools
 import weakref
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode

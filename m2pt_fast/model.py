@@ -189,7 +189,8 @@ class M2PTLlava(PromptTuned, nn.Module):
     def __init__(self, llava: LlavaForConditionalGeneration, config: M2PTConfig, backend: str = "reference"):
         super().__init__()
         if not isinstance(llava, LlavaForConditionalGeneration):
-            raise TypeError(f"apply_m2pt takes a transformers LlavaForConditionalGeneration, got {type(llava).__name__}")
+            raise TypeError("apply_m2pt takes a transformers LlavaForConditionalGeneration, "
+                            f"got {type(llava).__name__}")
         self.llava = llava
         self.m2pt_config = config
         self.backend = backend
@@ -240,7 +241,8 @@ class M2PTLlava(PromptTuned, nn.Module):
             if lm_head is embed or (lm_head.device.type != "meta" and lm_head.data_ptr() == embed.data_ptr()):
                 raise ValueError(
                     "tune_lm_head=True on a model whose lm_head is tied to the input embeddings would also "
-                    "train the embeddings; untie them first (config.tie_word_embeddings=False) or keep tune_lm_head=False"
+                    "train the embeddings; untie them first (config.tie_word_embeddings=False) or keep "
+                    "tune_lm_head=False"
                 )
             self.llava.lm_head.requires_grad_(True)
 

@@ -194,7 +194,8 @@ def data_lengths(request: PlanRequest, model, progress: bool = False) -> dict:
     try:
         tokenizer = AutoTokenizer.from_pretrained(request.model_name_or_path, local_files_only=True)
     except (OSError, ValueError) as error:
-        raise ValueError(f"{request.model_name_or_path} has no tokenizer to measure --data_path with ({error})") from error
+        raise ValueError(f"{request.model_name_or_path} has no tokenizer to measure --data_path with "
+                         f"({error})") from error
     encoder = ConversationEncoder(tokenizer, model.image_token_id, model.image_seq_length, request.model_max_length,
                                   version=request.version)
     records, _ = load_llava_records(request.data_path, request.image_folder, encoder, progress=progress)

@@ -18,8 +18,15 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from .attention import route_attention
 from .generation import generate
-from .model import (M2PTConfig, M2PTOutput, PromptTuned, clip_parts, text_forward, vision_states,
-                    xavier_uniform_per_layer)
+from .model import (
+    M2PTConfig,
+    M2PTOutput,
+    PromptTuned,
+    clip_parts,
+    text_forward,
+    vision_states,
+    xavier_uniform_per_layer,
+)
 
 
 def _prompt_parameter(layers: int, n: int, width: int, like: torch.Tensor) -> nn.Parameter:

@@ -19,9 +19,9 @@ import dataclasses
 import json
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -109,7 +109,7 @@ class NF4Linear(nn.Module):
             self.bias = nn.Parameter(torch.empty(out_features, dtype=weight_dtype, device=device), requires_grad=False)
 
     @classmethod
-    def from_nf4(cls, q: NF4Weight, bias: Optional[torch.Tensor] = None) -> "NF4Linear":
+    def from_nf4(cls, q: NF4Weight, bias: torch.Tensor | None = None) -> NF4Linear:
         out_features, in_features = q.shape
         m = cls(in_features, out_features, bias is not None, blocksize=q.blocksize, double_quant=q.double_quant,
                 weight_dtype=q.dtype, device="meta")
@@ -119,7 +119,7 @@ class NF4Linear(nn.Module):
         return m
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True) -> "NF4Linear":
+    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True) -> NF4Linear:
         return cls.from_nf4(nf4_quantize(linear.weight.detach(), blocksize, double_quant), linear.bias)
 
     def set_nf4(self, q: NF4Weight) -> None:
@@ -188,7 +188,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def quantize_model(model: nn.Module, config: Optional[QuantizeConfig] = None, **overrides) -> QuantizeReport:
+def quantize_model(model: nn.Module, config: QuantizeConfig | None = None, **overrides) -> QuantizeReport:
     """Replace the targeted nn.Linear layers of `model` by NF4Linear, in place, one at a time.
 
     Each weight is quantized on its own device and the dense copy dropped before the next layer, so
@@ -236,7 +236,7 @@ def _parameters_on_meta():
         nn.Module.register_parameter = original
 
 
-def _empty_model(config_dict: dict, class_name: Optional[str] = None) -> nn.Module:
+def _empty_model(config_dict: dict, class_name: str | None = None) -> nn.Module:
     import transformers
 
     config = transformers.AutoConfig.for_model(**{k: v for k, v in config_dict.items() if k != "quantization_config"})
@@ -378,8 +378,8 @@ def _nf4_layer(model: nn.Module, name: str, spec: dict) -> NF4Linear:
     return layer
 
 
-def load_quantized(directory, config: Optional[QuantizeConfig] = None, *, model_class: Optional[str] = None,
-                   dtype: Optional[torch.dtype] = None) -> nn.Module:
+def load_quantized(directory, config: QuantizeConfig | None = None, *, model_class: str | None = None,
+                   dtype: torch.dtype | None = None) -> nn.Module:
     """Load a quantized model from a local directory; returns it on the CPU, in eval mode.
 
     Recognized, in this order: our format (nf4_model.safetensors), a bitsandbytes 4-bit NF4
@@ -418,7 +418,7 @@ def load_quantized(directory, config: Optional[QuantizeConfig] = None, *, model_
     return model.eval()
 
 
-def _load_ours(path: Path, config_dict: dict, model_class: Optional[str]) -> nn.Module:
+def _load_ours(path: Path, config_dict: dict, model_class: str | None) -> nn.Module:
     f = _open_safetensors(path)
     with f:
         meta = f.metadata() or {}
@@ -444,7 +444,7 @@ def _load_ours(path: Path, config_dict: dict, model_class: Optional[str]) -> nn.
     return model
 
 
-def _load_bnb(shards: list, config_dict: dict, model_class: Optional[str]) -> nn.Module:
+def _load_bnb(shards: list, config_dict: dict, model_class: str | None) -> nn.Module:
     """transformers' bitsandbytes 4-bit serialization: a Linear's `weight` holds the packed codes and
     `weight.*` keys its statistics; a layer is rebuilt once all its keys have been seen."""
     model = _empty_model(config_dict, model_class)
@@ -477,7 +477,7 @@ def _load_bnb(shards: list, config_dict: dict, model_class: Optional[str]) -> nn
     return model
 
 
-def _load_float(shards: list, config_dict: dict, model_class: Optional[str], config: QuantizeConfig) -> nn.Module:
+def _load_float(shards: list, config_dict: dict, model_class: str | None, config: QuantizeConfig) -> nn.Module:
     """A float checkpoint, quantized while streaming: each targeted weight is quantized as soon as it
     is read and its dense copy dropped, so peak memory is the quantized model plus one tensor."""
     model = _empty_model(config_dict, model_class)

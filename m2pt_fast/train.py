@@ -81,6 +81,7 @@ from m2pt_fast.data import (
 from m2pt_fast.ds_config import load_ds_config, offloads_optimizer, resolve_ds_config, zero_stage
 from m2pt_fast.master_weights import fp32_master_values
 from m2pt_fast.methods import OUTPUT_NAMES, apply_method, check_method, save_output
+from m2pt_fast.reporting import MetricsReport, check_installed
 from m2pt_fast.runner_watch import watch_runner
 from m2pt_fast.train_config import TrainConfig, parse_args, to_dict
 
@@ -131,6 +132,7 @@ class M2PTRecipe:
         self.cfg = config
         self.output_dir = Path(config.output_dir)
         self.global_step = 0
+        self.report: MetricsReport | None = None  # rank 0's, from _setup_outputs
 
     # ------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -368,6 +370,9 @@ class M2PTRecipe:
             (self.output_dir / "run_config.json").write_text(json.dumps(run, indent=2) + "\n")
             if cfg.embedded_model:
                 self.tokenizer.save_pretrained(self.output_dir / "tokenizer")
+            self.report = MetricsReport(self.output_dir, cfg.reporters, cfg.run_name, run)
+            for where in self.report.locations:
+                log.info("reporting to %s", where)
         dist.barrier()
 
     def _intact_checkpoint(self) -> tuple[int, Path]:
@@ -569,8 +574,7 @@ class M2PTRecipe:
             "peak_mem_mb": memory, "peak_mem_kind": memory_kind, "skipped_records": int(reduced[3].item()),
         }
         if self.rank == 0:
-            with self.metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            self.report.log(record)
             progress.set_postfix(loss=f"{loss:.4f}", samples_s=f"{record['samples_per_s']:.1f}",
                                  mem_mb=f"{memory:.0f}", refresh=False)
             progress.update(1)
@@ -703,6 +707,8 @@ class M2PTRecipe:
             log.info("done: %d steps, last loss %.4f; trained %s in %s", self.global_step, loss, self.cfg.method, path)
 
     def cleanup(self) -> None:
+        if self.report is not None:
+            self.report.close()
         # Without the barrier, 2-rank gloo runs sometimes abort at exit (docs/compatibility.md).
         if dist.is_initialized():
             dist.barrier()
@@ -743,6 +749,7 @@ def main(argv: list[str] | None = None) -> int:
     lock = OutputDirLock(config.output_dir)
     try:  # refused before any weights are read
         load_ds_config(config.ds_config)
+        check_installed(config.reporters)
         _check_writable(Path(config.output_dir))
         if int(os.environ.get("RANK", "0")) == 0:  # one lock per run, taken by its first process
             note = lock.acquire()

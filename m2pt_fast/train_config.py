@@ -26,6 +26,7 @@ from m2pt_fast.methods import (
     check_method,
     default_prompt_counts,
 )
+from m2pt_fast.reporting import parse_report_to
 
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 QUANTS = ("nf4", "bf16", "fp32")
@@ -85,6 +86,9 @@ class TrainConfig:
     save_steps: int = 0  # 0: a checkpoint at the end of the run only
     save_total_limit: int = 2
     resume: bool = False
+    # HF Trainer's: none, tensorboard, wandb, several, or all (m2pt_fast/reporting.py); metrics.jsonl always
+    report_to: str = "none"
+    run_name: str | None = None  # wandb's run name (default: wandb's own)
     # --- distributed
     ds_config: str | None = None  # None: ZeRO-0 with every value from these options
     local_rank: int = -1  # set by the deepspeed launcher
@@ -152,7 +156,8 @@ class TrainConfig:
         if self.image_aspect_ratio not in (None, *ASPECT_RATIOS):
             raise ValueError(f"--image_aspect_ratio must be one of {ASPECT_RATIOS}, got {self.image_aspect_ratio!r}")
         if self.mm_vision_select_feature not in (None, "patch", "cls_patch"):
-            raise ValueError(f"--mm_vision_select_feature must be patch or cls_patch, got {self.mm_vision_select_feature!r}")
+            raise ValueError("--mm_vision_select_feature must be patch or cls_patch, "
+                             f"got {self.mm_vision_select_feature!r}")
         if self.model_name_or_path:
             if not (Path(self.model_name_or_path) / "config.json").is_file():
                 raise ValueError(f"--model_name_or_path {self.model_name_or_path} has no config.json (the model's "
@@ -173,6 +178,7 @@ class TrainConfig:
         if not self.lora_targets or unknown:
             raise ValueError(f"--lora_target_modules: {unknown or 'none given'}; the decoder's linear layers are "
                              f"{','.join(LORA_TARGETS)} (comma-separated)")
+        self.report_to = ",".join(parse_report_to(self.report_to)) or "none"
         check_method(self.method, self.num_vision_prompts, self.num_text_prompts, quant=self.quant,
                      tune_lm_head=self.tune_lm_head)
         if self.ds_config and not Path(self.ds_config).is_file():
@@ -226,6 +232,10 @@ class TrainConfig:
         return "crop"
 
     @property
+    def reporters(self) -> tuple[str, ...]:
+        return parse_report_to(self.report_to)
+
+    @property
     def lora_targets(self) -> tuple[str, ...]:
         return tuple(name.strip() for name in self.lora_target_modules.split(",") if name.strip())
 
@@ -275,6 +285,9 @@ _HELP = {
     "method": "m2pt (default), vpt, text_pt, lora or full (docs/training.md)",
     "num_vision_prompts": "prompts per vision layer (default: 10 for m2pt and vpt, else 0)",
     "num_text_prompts": "prompts per decoder layer (default: 10 for m2pt and text_pt, else 0)",
+    "report_to": "where step metrics go besides metrics.jsonl: none (default), tensorboard, wandb, several "
+                 "(space- or comma-separated) or all (the installed ones); wandb runs offline without credentials",
+    "run_name": "the run's name in wandb",
     "lora_target_modules": "comma-separated decoder linear layers LoRA adapts (default: all seven)",
 }
 
@@ -293,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
             # `--flag` alone means true; `--flag false` turns a default-on option off
             parser.add_argument(flag, nargs="?", const=True, type=_parse_bool,
                                 help=_HELP.get(f.name, f"true or false (default {default})"))
+        elif f.name == "report_to":  # HF Trainer's list: --report_to tensorboard wandb
+            parser.add_argument(flag, nargs="+", help=_HELP[f.name])
         elif f.type in ("int", "float", "float | None", "int | None"):
             parser.add_argument(flag, type=int if f.type.startswith("int") else float,
                                 help=_HELP.get(f.name, f"(default {default})"))

@@ -25,8 +25,10 @@ def trainer_env() -> dict:
     return env
 
 
-def run(command: list[str], expect: int = 0) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=ROOT, env=trainer_env(), capture_output=True, text=True, timeout=600)
+def run(command: list[str], expect: int = 0, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`command` from the repository root in trainer_env() updated by `env` (None: unset); it must exit `expect`."""
+    env = {name: value for name, value in {**trainer_env(), **(env or {})}.items() if value is not None}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == expect, f"exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return result
 
@@ -49,5 +51,5 @@ def deepspeed_run(output_dir: Path, *args: str, processes: int = 2, script: Path
     return result
 
 
-def python_run(output_dir: Path, *args: str, expect: int = 0) -> subprocess.CompletedProcess:
-    return run([sys.executable, str(TRAIN), "--output_dir", str(output_dir), *args], expect=expect)
+def python_run(output_dir: Path, *args: str, expect: int = 0, env: dict | None = None) -> subprocess.CompletedProcess:
+    return run([sys.executable, str(TRAIN), "--output_dir", str(output_dir), *args], expect=expect, env=env)

@@ -6,8 +6,16 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPVisionConfig,
-                          CLIPVisionModel, LlamaConfig, LlamaForCausalLM)
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from m2pt_fast import compat
 

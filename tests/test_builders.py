@@ -1,10 +1,9 @@
 """Model construction: named shapes, the meta device, local directories, the trainable report."""
 import pytest
 import torch
+from model_inputs import make_batch
 
 from m2pt_fast import apply_m2pt, build_llava, load_llava, trainable_report
-
-from model_inputs import make_batch
 
 
 def test_llava15_7b_on_meta_allocates_nothing_and_counts_exactly():

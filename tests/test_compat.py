@@ -10,12 +10,11 @@ import sys
 import tempfile
 
 import torch
+from model_inputs import make_batch
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaModel
 
 from m2pt_fast import apply_m2pt, build_llava, compat
-
-from model_inputs import make_batch
 
 
 def test_cache_argument_name_is_the_layers_own():

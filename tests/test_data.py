@@ -195,7 +195,8 @@ def test_the_longest_sample_is_what_the_data_set_builds(tokenizer, tmp_path):
     data_path, images = write_llava_json(tmp_path, 12, seed=6)
     records = json.loads(open(data_path).read())
     question = "<image>\nWhat is here?"
-    records += [{"id": "long", "image": "000002.png", "conversations": _turns((question, " ".join(["red square"] * 30)))},
+    records += [{"id": "long", "image": "000002.png",
+                 "conversations": _turns((question, " ".join(["red square"] * 30)))},
                 {"id": "cut", "image": "000003.png",  # over max_length: truncated, its labels with it
                  "conversations": _turns((question, " ".join(["red square"] * 60)))}]
     (tmp_path / "data.json").write_text(json.dumps(records))

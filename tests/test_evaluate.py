@@ -32,7 +32,7 @@ def data(tmp_path_factory):
                                                              "Is there one shape? Please answer yes or no.\tYes\n")
     (root / "mme" / "count" / "orphan.txt").write_text("Is it? Please answer yes or no.\tYes\n")  # no image
     # POPE
-    for k, split in enumerate(("adversarial", "popular", "random")):
+    for split in ("adversarial", "popular", "random"):
         lines = [{"question_id": i, "image": f"COCO_val2014_{i:012d}.jpg", "text": "Is there a square in the image?",
                   "label": "yes" if i % 2 else "no"} for i in range(3)]
         (root / "pope").mkdir(exist_ok=True)
@@ -151,8 +151,8 @@ def test_two_processes_answer_and_score_as_one(data, tmp_path):
     one, scores_one = _evaluate(tmp_path / "one", "--benchmark", "mme", "--data_dir", str(data / "mme"),
                                 "--batch_size", "2")
     run([*deepspeed_launcher(), "--num_gpus", "2", "--master_port", str(free_port()), "--module", "m2pt_fast.evaluate",
-         "--benchmark", "mme", "--data_dir", str(data / "mme"), "--batch_size", "2", "--output_dir", str(tmp_path / "two"),
-         "--max_new_tokens", "4"])
+         "--benchmark", "mme", "--data_dir", str(data / "mme"), "--batch_size", "2",
+         "--output_dir", str(tmp_path / "two"), "--max_new_tokens", "4"])
     two = [json.loads(line) for line in (tmp_path / "two" / "predictions.jsonl").read_text().splitlines()]
     scores_two = json.loads((tmp_path / "two" / "scores.json").read_text())
     assert two == one  # every question, in order, answered alike
@@ -240,7 +240,8 @@ def test_llava_question_files_are_asked_as_written_and_answered_in_llava_s_forma
     assert sum(report.skipped.values()) == 3
     predictions, scores = _evaluate(tmp_path / "out", "--question_file", str(root / "llava_mini.jsonl"),
                                     "--image_folder", str(root / "images"))
-    answers = [json.loads(line) for line in (tmp_path / "out" / "answers" / "llava_mini.jsonl").read_text().splitlines()]
+    answer_file = tmp_path / "out" / "answers" / "llava_mini.jsonl"
+    answers = [json.loads(line) for line in answer_file.read_text().splitlines()]
     assert [a["question_id"] for a in answers] == [101, 102]  # the file's own ids, their type kept
     assert set(answers[0]) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
     assert [a["text"] for a in answers] == [p["text"] for p in predictions]

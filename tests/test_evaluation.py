@@ -2,8 +2,17 @@
 answers that trip parsers included."""
 import pytest
 
-from m2pt_fast.evaluation import (choice_accuracy, choice_correct, mm_avg, mme_label, mme_scores, normalize_vqa_answer,
-                                  pope_label, pope_scores, vqa_accuracy)
+from m2pt_fast.evaluation import (
+    choice_accuracy,
+    choice_correct,
+    mm_avg,
+    mme_label,
+    mme_scores,
+    normalize_vqa_answer,
+    pope_label,
+    pope_scores,
+    vqa_accuracy,
+)
 
 
 @pytest.mark.parametrize("prediction, label", [

@@ -15,15 +15,25 @@ tuners without LLaVA take these decoders (and Qwen2) as causal LMs, and SigLIP a
 """
 import pytest
 import torch
-from transformers import (AutoModelForCausalLM, CLIPVisionConfig, GemmaConfig, Gemma2Config, LlavaConfig,
-                          MistralConfig, Phi3Config, Qwen2Config, Qwen3Config, SiglipVisionConfig, SiglipVisionModel)
-
-from m2pt_fast import DeepTextPrompts, DeepVisionPrompts, apply_m2pt, build_llava
-
 from model_inputs import IMAGE_TOKEN, make_batch
 from test_fused import padded_batch, rel_err, run
 from test_generation import greedy_loop
 from test_model import hooked_oracle
+from transformers import (
+    AutoModelForCausalLM,
+    CLIPVisionConfig,
+    Gemma2Config,
+    GemmaConfig,
+    LlavaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
+
+from m2pt_fast import DeepTextPrompts, DeepVisionPrompts, apply_m2pt, build_llava
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=128, max_position_embeddings=512, pad_token_id=0,

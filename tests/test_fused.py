@@ -3,12 +3,11 @@ import importlib
 
 import pytest
 import torch
+from model_inputs import IMAGE_TOKEN, make_batch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
 from m2pt_fast import apply_m2pt, build_llava
-
-from model_inputs import IMAGE_TOKEN, make_batch
 
 kernel_module = importlib.import_module("m2pt_kernels.prefix_attention")
 

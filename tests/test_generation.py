@@ -1,10 +1,9 @@
 """Generation (transformers' generate, prompt K/V as the cache prefix) against a greedy loop over full forwards."""
 import pytest
 import torch
+from model_inputs import make_batch
 
 from m2pt_fast import apply_m2pt, build_llava
-
-from model_inputs import make_batch
 
 
 @pytest.fixture(scope="module", params=["tiny-gqa", "tiny-siglip-qwen2"])

@@ -2,10 +2,10 @@
 the same outputs and gradients, and less saved for backward."""
 import pytest
 import torch
+from transformers import CLIPVisionConfig, LlamaConfig
 from transformers.activations import QuickGELUActivation
 from transformers.models.clip.modeling_clip import CLIPMLP
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
-from transformers import CLIPVisionConfig, LlamaConfig
 
 from m2pt_fast import apply_m2pt, build_llava, lean
 

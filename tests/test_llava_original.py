@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from llava_fixtures import (VOCAB, clip_directory, llama_directory, llava_directory, projector_file,
-                            projector_tensors)
+from llava_fixtures import VOCAB, clip_directory, llama_directory, llava_directory, projector_file, projector_tensors
 from transformers import CLIPVisionModel, LlamaForCausalLM
 
 from m2pt_fast import compat, load_llava
@@ -19,8 +18,8 @@ from m2pt_fast.llava_original import LlavaSourceError
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("sources")
-    return {"root": root, "clip": clip_directory(root / "clip"), "clip_vision": clip_directory(root / "cv", whole=False),
-            "llama": llama_directory(root / "llama")}
+    return {"root": root, "clip": clip_directory(root / "clip"),
+            "clip_vision": clip_directory(root / "cv", whole=False), "llama": llama_directory(root / "llama")}
 
 
 def llava_by_hand(llama_dir, clip_dir, projector, layer, feature, before, after, pixels):
@@ -123,8 +122,8 @@ def test_bad_sources_are_refused_naming_what_is_wrong(files, tmp_path, problem, 
 
 
 def test_add_image_token_gives_the_model_s_id_and_refuses_another_vocabulary(files):
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
 
     from m2pt_fast.llava_original import add_image_token
 
@@ -224,9 +223,8 @@ def test_any_source_is_written_once_as_an_nf4_directory_that_trains(files, tmp_p
 def test_a_bitsandbytes_4bit_checkpoint_in_llava_s_layout_loads_its_nf4_weights(files, tmp_path):
     # What saving a LLaVA loaded in 4 bits gives: the decoder's linear weights as transformers serializes
     # bitsandbytes' (packed codes + weight.* statistics), the rest dense, a quantization_config.
-    from m2pt_kernels import nf4_quantize
-
     from m2pt_fast.quantize import NF4Linear
+    from m2pt_kernels import nf4_quantize
 
     source = llava_directory(tmp_path / "llava", files["llama"], files["clip"], "mlp2x_gelu")
     weights = torch.load(source / "pytorch_model.bin")

@@ -1,10 +1,9 @@
 """The reference M²PT model against transformers' own LLaVA forward."""
 import pytest
 import torch
+from model_inputs import IMAGE_TOKEN, make_batch
 
 from m2pt_fast import apply_m2pt, build_llava, trainable_report
-
-from model_inputs import IMAGE_TOKEN, make_batch
 
 
 @pytest.fixture(params=["tiny", "tiny-gqa", "tiny-siglip-qwen2"])

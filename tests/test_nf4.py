@@ -6,8 +6,7 @@ import json
 import pytest
 import torch
 
-from m2pt_kernels import NF4Weight, nf4_dequantize, nf4_linear, nf4_quantize
-from m2pt_kernels import _dispatch, _native
+from m2pt_kernels import NF4Weight, _dispatch, _native, nf4_dequantize, nf4_linear, nf4_quantize
 from m2pt_kernels import nf4 as nf4_ops
 from m2pt_kernels.nf4_format import DYNAMIC_CODE, NF4_CODE
 from m2pt_kernels.reference import nf4_dequantize_reference, nf4_linear_reference, nf4_quantize_reference

@@ -157,7 +157,7 @@ def _model_directory_with_tokenizer(directory):
 
 
 def test_a_data_set_plans_its_longest_sample(tmp_path, capsys):
-    from m2pt_fast.data import ConversationEncoder, IGNORE_INDEX, write_llava_json
+    from m2pt_fast.data import IGNORE_INDEX, ConversationEncoder, write_llava_json
 
     model_dir, tokenizer, llava = _model_directory_with_tokenizer(tmp_path / "model")
     data_path, images = write_llava_json(tmp_path / "data", 24, seed=2)
@@ -175,7 +175,8 @@ def test_a_data_set_plans_its_longest_sample(tmp_path, capsys):
     assert (from_data["model_max_length"], from_data["answer_tokens"]) == (tokens, labelled)
     stated = plan.plan(dataclasses.replace(base, model_max_length=tokens, answer_tokens=labelled))
     assert from_data["checkpointing"] == stated["checkpointing"]
-    assert (from_data["checkpointing"]["off"]["peak_bytes"][2] < plan.plan(base)["checkpointing"]["off"]["peak_bytes"][2])
+    assert (from_data["checkpointing"]["off"]["peak_bytes"][2]
+            < plan.plan(base)["checkpointing"]["off"]["peak_bytes"][2])
     assert f"the last {labelled} labelled (the longest of 24 records in {data_path})" in plan.render(from_data)
 
     # the command line: the same plan; without a tokenizer to measure with, a clear error

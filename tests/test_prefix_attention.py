@@ -11,7 +11,6 @@ import importlib
 import os
 import sys
 from dataclasses import dataclass
-from typing import Optional
 
 import pytest
 import torch
@@ -44,13 +43,13 @@ class Case:
     heads_q: int
     heads_kv: int
     seq_len: int
-    prefix_len: Optional[int]  # None: no prefix tensors at all
+    prefix_len: int | None  # None: no prefix tensors at all
     head_dim: int
     causal: bool = False
     per_sample_prefix: bool = False
-    kv_lens: Optional[tuple] = None
+    kv_lens: tuple | None = None
     layout: str = "bhnd"  # "bnhd": q/k/v are transposed views of (B, N, H, D), as in HF models
-    softmax_scale: Optional[float] = None
+    softmax_scale: float | None = None
 
     def __str__(self):
         prefix = "none" if self.prefix_len is None else f"{self.prefix_len}{'ps' if self.per_sample_prefix else ''}"

@@ -1,11 +1,10 @@
 """The prompt file: round trip, contents, and refusal of files made for another model."""
 import pytest
 import torch
+from model_inputs import make_batch
 from safetensors import safe_open
 
 from m2pt_fast import apply_m2pt, build_llava, load_prompts, save_prompts
-
-from model_inputs import make_batch
 
 
 def test_round_trip_restores_outputs(tmp_path):

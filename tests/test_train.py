@@ -1,6 +1,7 @@
 """The trainer end to end, as users run it: the real `deepspeed` launcher with 2 processes (gloo) under
 ZeRO-2 and ZeRO-3, bit-exact resume, bad records, a non-finite loss, `python m2pt_fast/train.py`
-with no launcher, and bf16 (DeepSpeed's CPU accelerator) under every ZeRO config. Every run is the embedded default (tiny LLaVA, synthetic data) cut to a few steps.
+with no launcher, and bf16 (DeepSpeed's CPU accelerator) under every ZeRO config. Every run is the
+embedded default (tiny LLaVA, synthetic data) cut to a few steps.
 """
 import json
 import math
@@ -337,7 +338,8 @@ def test_damage_is_found_by_the_checkpoint_check(two_checkpoints, tmp_path, how)
     problems = checkpoint_problems(step2, world_size=1)
     assert problems, how
     expected = {"truncated": "mp_rank_00_model_states.pt cannot be read", "empty_file": "is empty",
-                "empty_dir": "state/ (DeepSpeed's files) is missing", "no_state": "state/ (DeepSpeed's files) is missing",
+                "empty_dir": "state/ (DeepSpeed's files) is missing",
+                "no_state": "state/ (DeepSpeed's files) is missing",
                 "no_rng": "rng-rank0.pt (rank 0's RNG state) is missing"}[how]
     assert any(expected in p for p in problems), problems
 
@@ -398,7 +400,8 @@ def test_bad_paths_and_options_are_refused_before_any_weights_are_read(tmp_path,
         ds = tmp_path / "ds.json"
         ds.write_text("[]" if case == "ds_config_list" else '{"zero_optimization": {"stage": "two"}}')
         args += ["--ds_config", str(ds)]
-        expected = "holds a JSON list" if case == "ds_config_list" else "stage must be the number 0, 1, 2 or 3, got 'two'"
+        expected = ("holds a JSON list" if case == "ds_config_list"
+                    else "stage must be the number 0, 1, 2 or 3, got 'two'")
     else:
         args += ["--max_grad_norm", "nan"]
         expected = "--max_grad_norm must be a finite number"

@@ -54,7 +54,7 @@ def _install_squeezing_index() -> None:
     _triton_interpreter._patch_lang_tensor = patch_lang_tensor
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def prepare() -> None:
     """Raises RuntimeError, saying what to change, when the interpreter cannot run the kernels."""
     if _probe():

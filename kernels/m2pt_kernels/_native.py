@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import os
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -21,8 +20,8 @@ from .reference.nf4 import dynamic_lut as _dynamic_lut
 
 LIBRARY_NAME = "libm2pt_nf4.so"
 ABI_VERSION = 1  # csrc/nf4_cpu.cpp m2pt_nf4_abi_version()
-_lib: Optional[ctypes.CDLL] = None
-_load_error: Optional[str] = None
+_lib: ctypes.CDLL | None = None
+_load_error: str | None = None
 _loaded = False
 
 
@@ -37,7 +36,7 @@ def _candidates():
     yield here.parents[1] / "build" / LIBRARY_NAME
 
 
-def _load() -> Optional[ctypes.CDLL]:
+def _load() -> ctypes.CDLL | None:
     global _lib, _load_error, _loaded
     if _loaded:
         return _lib

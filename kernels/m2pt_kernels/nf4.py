@@ -12,7 +12,6 @@ dequantizes tiles in registers and never writes the dense weight.
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import torch
 
@@ -108,7 +107,7 @@ if triton is not None:
 
 
 # ---- launchers ----------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tables(device: torch.device):
     """The NF4 and 8-bit dynamic code tables on `device`, copied there once, not on every call."""
     return NF4_CODE.to(device), DYNAMIC_CODE.to(device)
@@ -122,7 +121,7 @@ def _stat_args(q: NF4Weight):
     return q.absmax, q.absmax, q.absmax, code, code
 
 
-def _launch_dequantize(q: NF4Weight, dtype: torch.dtype, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _launch_dequantize(q: NF4Weight, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """The dense weight into `out` (new if None; tests pass a NaN-poisoned one)."""
     if out is None:
         out = torch.empty(q.shape, dtype=dtype, device=q.device)
@@ -139,8 +138,8 @@ def _launch_dequantize(q: NF4Weight, dtype: torch.dtype, out: Optional[torch.Ten
     return out
 
 
-def _launch_fused_linear(x2d: torch.Tensor, q: NF4Weight, bias: Optional[torch.Tensor],
-                         out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _launch_fused_linear(x2d: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
     """x2d (M, K) @ W.T (+ bias) -> (M, N) in x2d's dtype, into `out` (new if None)."""
     M, K = x2d.shape
     N = q.shape[0]
@@ -164,7 +163,7 @@ def _launch_fused_linear(x2d: torch.Tensor, q: NF4Weight, bias: Optional[torch.T
     return out
 
 
-def _check_linear(x: torch.Tensor, q: NF4Weight, bias: Optional[torch.Tensor]) -> None:
+def _check_linear(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None) -> None:
     if not isinstance(q, NF4Weight):
         raise TypeError(f"nf4_linear expects an NF4Weight (from nf4_quantize), got {type(q).__name__}")
     if len(q.shape) != 2:
@@ -196,7 +195,7 @@ def _dense(q: NF4Weight, dtype: torch.dtype) -> torch.Tensor:
     return _ref.nf4_dequantize_reference(q, dtype)
 
 
-def _forward(x: torch.Tensor, q: NF4Weight, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _forward(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None) -> torch.Tensor:
     x2d = x.reshape(-1, x.shape[-1])                                 # (M, K)
     # the interpreter's bf16 tl.dot returns garbage (docs/nf4.md): on CPU bf16 takes the dense path
     interpreted_bf16 = x.device.type == "cpu" and x.dtype == torch.bfloat16
@@ -254,7 +253,7 @@ def nf4_quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     return _ref.nf4_quantize_reference(w, blocksize, double_quant)
 
 
-def nf4_dequantize(q: NF4Weight, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def nf4_dequantize(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The dense weight, shape q.shape, in `dtype` (default: the dtype it was quantized from).
     Equal value for value to `bitsandbytes.functional.dequantize_4bit` on the same bytes."""
     if not isinstance(q, NF4Weight):
@@ -265,7 +264,7 @@ def nf4_dequantize(q: NF4Weight, dtype: Optional[torch.dtype] = None) -> torch.T
     return _dense(q, dtype)
 
 
-def nf4_linear(x: torch.Tensor, q: NF4Weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def nf4_linear(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) @ W.T + bias -> (..., N), W = q (N, K) in NF4, computed in x's dtype.
 
     Differentiable in x (and bias); the weight is frozen, so backward computes only the input gradient.

@@ -18,7 +18,6 @@ quantizer), so a weight quantized by either side loads in the other.
 from __future__ import annotations
 
 import json
-from typing import Optional
 
 import torch
 
@@ -81,8 +80,8 @@ class NF4Weight:
         shape,
         dtype: torch.dtype,
         blocksize: int = 64,
-        nested_absmax: Optional[torch.Tensor] = None,
-        nested_offset: Optional[torch.Tensor] = None,
+        nested_absmax: torch.Tensor | None = None,
+        nested_offset: torch.Tensor | None = None,
     ):
         self.packed = packed.reshape(-1)
         self.absmax = absmax.reshape(-1)
@@ -141,7 +140,7 @@ class NF4Weight:
             _check(self.absmax.dtype == torch.float32, f"NF4 absmax must be fp32 (or uint8 with double "
                                                        f"quantization), got {self.absmax.dtype}")
 
-    def to(self, device) -> "NF4Weight":
+    def to(self, device) -> NF4Weight:
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
         return NF4Weight(mv(self.packed), mv(self.absmax), self.shape, self.dtype, self.blocksize,
                          mv(self.nested_absmax), mv(self.nested_offset))
@@ -177,7 +176,7 @@ class NF4Weight:
         return self.packed.reshape(-1, 1), qs
 
     @classmethod
-    def from_bnb(cls, packed: torch.Tensor, quant_state) -> "NF4Weight":
+    def from_bnb(cls, packed: torch.Tensor, quant_state) -> NF4Weight:
         """From bitsandbytes' packed tensor and QuantState (nf4 only; fp4 is a different format)."""
         if quant_state.quant_type != "nf4":
             raise ValueError(f"only NF4 is supported, this bitsandbytes weight is {quant_state.quant_type!r}")
@@ -212,7 +211,7 @@ class NF4Weight:
         return out
 
     @classmethod
-    def from_bnb_state_dict(cls, tensors: dict, prefix: str = "weight") -> "NF4Weight":
+    def from_bnb_state_dict(cls, tensors: dict, prefix: str = "weight") -> NF4Weight:
         """Inverse of `bnb_state_dict`; `tensors` maps the full key names to tensors."""
         def need(key):
             if key not in tensors:

@@ -14,7 +14,6 @@ The plain PyTorch statement of the same function is m2pt_kernels.reference.prefi
 it is also what runs on CPU tensors when the Triton interpreter is off.
 """
 import math
-from typing import Optional
 
 import torch
 
@@ -416,7 +415,7 @@ def _new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor
 
 def _forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
-    kv_lens: Optional[torch.Tensor], causal: bool, softmax_scale: float,
+    kv_lens: torch.Tensor | None, causal: bool, softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns out (B, Hq, N, D) in q's dtype and the base-2 log-sum-exp (B, Hq, N) fp32."""
     batch, heads_q, seq_len, head_dim = q.shape
@@ -443,7 +442,7 @@ def _forward(
 
 def _backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    prefix_k: torch.Tensor, prefix_v: torch.Tensor, kv_lens: Optional[torch.Tensor],
+    prefix_k: torch.Tensor, prefix_v: torch.Tensor, kv_lens: torch.Tensor | None,
     out: torch.Tensor, lse: torch.Tensor, causal: bool, softmax_scale: float,
 ) -> tuple[torch.Tensor, ...]:
     """Returns dq, dk, dv, dprefix_k, dprefix_v, each shaped and typed like its input."""
@@ -516,7 +515,7 @@ def _backward(
 @torch.library.custom_op("m2pt_kernels::prefix_attention_forward", mutates_args=())
 def _prefix_attention_forward_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
-    kv_lens: Optional[torch.Tensor], causal: bool, softmax_scale: float,
+    kv_lens: torch.Tensor | None, causal: bool, softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     with launching_on(q.device):
         return _forward(q, k, v, prefix_k, prefix_v, kv_lens, causal, softmax_scale)
@@ -534,7 +533,7 @@ def _(q, k, v, prefix_k, prefix_v, kv_lens, causal, softmax_scale):
 @torch.library.custom_op("m2pt_kernels::prefix_attention_backward", mutates_args=())
 def _prefix_attention_backward_op(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    prefix_k: torch.Tensor, prefix_v: torch.Tensor, kv_lens: Optional[torch.Tensor],
+    prefix_k: torch.Tensor, prefix_v: torch.Tensor, kv_lens: torch.Tensor | None,
     out: torch.Tensor, lse: torch.Tensor, causal: bool, softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     with launching_on(q.device):
@@ -631,12 +630,12 @@ def prefix_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    prefix_k: Optional[torch.Tensor] = None,
-    prefix_v: Optional[torch.Tensor] = None,
+    prefix_k: torch.Tensor | None = None,
+    prefix_v: torch.Tensor | None = None,
     *,
     causal: bool = False,
-    softmax_scale: Optional[float] = None,
-    kv_lens: Optional[torch.Tensor] = None,
+    softmax_scale: float | None = None,
+    kv_lens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention of q over the keys [prefix_k ; k] and values [prefix_v ; v].
 

@@ -58,7 +58,7 @@ class ImagePreprocessor:
         self.aspect_ratio = aspect_ratio
 
     @classmethod
-    def clip_default(cls, image_size: int, aspect_ratio: str = "crop") -> "ImagePreprocessor":
+    def clip_default(cls, image_size: int, aspect_ratio: str = "crop") -> ImagePreprocessor:
         from ..compat import CLIPImageProcessorPil  # the plain CLIPImageProcessor wants torchvision
 
         processor = CLIPImageProcessorPil(
@@ -70,7 +70,7 @@ class ImagePreprocessor:
         return cls(processor, image_size, aspect_ratio)
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path, image_size: int, aspect_ratio: str = "crop") -> "ImagePreprocessor":
+    def from_model_dir(cls, model_dir: str | Path, image_size: int, aspect_ratio: str = "crop") -> ImagePreprocessor:
         from ..compat import load_image_processor
 
         config = Path(model_dir) / "preprocessor_config.json"

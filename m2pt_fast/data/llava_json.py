@@ -12,16 +12,17 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from .conversation import BadRecord, ConversationEncoder, IGNORE_INDEX
+from .conversation import IGNORE_INDEX, BadRecord, ConversationEncoder
 from .image import ImagePreprocessor
 from .synthetic import synthetic_record
 

@@ -9,7 +9,7 @@ because transformers' LLaVA wants the image token id inside the vocabulary.
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast

@@ -3,7 +3,6 @@
 It materialises the concatenation and a boolean mask and calls SDPA, exactly what the fused kernel
 avoids; it is the CPU fallback and the reference the tests and benchmarks compare against.
 """
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -15,8 +14,8 @@ def prefix_attention_mask(
     prefix_len: int,
     *,
     causal: bool = False,
-    kv_lens: Optional[torch.Tensor] = None,
-    device: Optional[torch.device] = None,
+    kv_lens: torch.Tensor | None = None,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """Which keys each query sees: bool (B, 1, N, P + N), True = visible.
 
@@ -40,12 +39,12 @@ def prefix_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    prefix_k: Optional[torch.Tensor] = None,
-    prefix_v: Optional[torch.Tensor] = None,
+    prefix_k: torch.Tensor | None = None,
+    prefix_v: torch.Tensor | None = None,
     *,
     causal: bool = False,
-    softmax_scale: Optional[float] = None,
-    kv_lens: Optional[torch.Tensor] = None,
+    softmax_scale: float | None = None,
+    kv_lens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention of q over [prefix_k ; k] with values [prefix_v ; v]; same contract as
     m2pt_kernels.prefix_attention.

@@ -8,7 +8,6 @@ order of fp32 operations matters a comment says so, because reordering them chan
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import torch
 
@@ -78,7 +77,7 @@ def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
     return torch.stack([p >> 4, p & 0xF], dim=1).reshape(-1)[:n]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def dynamic_lut(device="cpu") -> torch.Tensor:
     """bitsandbytes' CPU 8-bit quantizer does not search the code: it rounds the normalized value to
     one of 65536 evenly spaced points in [-1, 1] and looks the code up in a table built from the
@@ -122,7 +121,7 @@ def double_quantize_reference(absmax: torch.Tensor) -> tuple[torch.Tensor, torch
     return q, nested, offset
 
 
-def nf4_dequantize_reference(q: NF4Weight, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def nf4_dequantize_reference(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The dense weight: NF4 value * block absmax in fp32, rounded once to `dtype` (default q.dtype)."""
     dtype = q.dtype if dtype is None else dtype
     n = q.numel
@@ -131,6 +130,6 @@ def nf4_dequantize_reference(q: NF4Weight, dtype: Optional[torch.dtype] = None) 
     return (values * scale).reshape(q.shape).to(dtype)
 
 
-def nf4_linear_reference(x: torch.Tensor, q: NF4Weight, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def nf4_linear_reference(x: torch.Tensor, q: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) @ W.T + bias with W (N, K) dequantized to x's dtype: the "dequantize, then matmul" path."""
     return torch.nn.functional.linear(x, nf4_dequantize_reference(q, x.dtype), bias)
