@@ -39,7 +39,8 @@ def _setup(python: Path, tmp_path: Path, **env) -> subprocess.CompletedProcess:
     # No index and no wheel folder: anything setup.sh tried to install would fail at once, offline.
     environment = dict(os.environ, PYTHON=str(python), PIP_CONFIG_FILE=os.devnull, PIP_NO_INDEX="1",
                        PIP_FIND_LINKS=str(tmp_path / "no-wheels"), **env)
-    environment.pop("PIP_CONSTRAINT", None)
+    for inherited in ("PIP_CONSTRAINT", "M2PT_TORCH_VERSION", "M2PT_TRITON_VERSION"):  # .ci/test-env sets them
+        environment.pop(inherited, None)
     return subprocess.run(["bash", str(ROOT / "setup.sh")], capture_output=True, text=True, env=environment,
                           timeout=300)
 
