@@ -17,3 +17,24 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 # decorated (at import): set it before anything imports triton. A user's explicit setting wins.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+# Two tiers: `pytest` runs the fast one (the README's default command, a few minutes on 2 cores);
+# `pytest --slow` adds the tests marked slow (multi-process DeepSpeed runs, whole trainer runs, the
+# compile checks, fresh virtual environments), which CI runs too. Slow tests are deselected, not skipped,
+# and the summary line counts them.
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the tests marked slow (CI runs them all)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--slow"):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+
+
+def pytest_report_header(config):
+    return None if config.getoption("--slow") else "fast tier: the tests marked slow are deselected (--slow runs them)"

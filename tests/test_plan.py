@@ -62,6 +62,7 @@ def test_advice_when_the_target_fits_nowhere():
     assert "does not fit" in plan.render(nothing)
 
 
+@pytest.mark.slow  # a 7B model counted at full size on meta: about 50 s on 2 cores
 def test_the_7b_plan_at_24_gib():
     request = plan.PlanRequest(shape="llava-1.5-7b", model_max_length=1024, micro_batches=(8,))
     result = plan.plan(request)
