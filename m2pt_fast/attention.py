@@ -37,6 +37,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from m2pt_fast.errors import UserError
 from m2pt_kernels import prefix_attention
 
 NAME = "m2pt_prefix"
@@ -79,7 +80,7 @@ def _inner_attention(module: nn.Module):
     # "eager" is not registered: each modeling file defines its own eager_attention_forward
     eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
     if eager is None:
-        raise ValueError(f"attention implementation {name!r} of {type(module).__name__} is not available")
+        raise UserError(f"attention implementation {name!r} of {type(module).__name__} is not available")
     return eager
 
 
@@ -93,7 +94,7 @@ def _m2pt_attention(module, query, key, value, attention_mask, scaling=None, dro
     if m2pt is CAPTURE:
         raise _Captured(module, key, value)
     if dropout:
-        raise ValueError("the fused backend runs attention without dropout (the frozen model's is 0 in M²PT)")
+        raise UserError("the fused backend runs attention without dropout (the frozen model's is 0 in M²PT)")
     causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", False) if causal is None else causal)
     prefix_k, prefix_v = m2pt.prefix.get(module, (None, None))
@@ -112,11 +113,11 @@ def _check_computable(module, keys: int, kwargs: dict) -> None:
     name = type(module).__name__
     for sink in ("s_aux", "sinks"):
         if kwargs.get(sink) is not None:
-            raise ValueError(f"{name} adds attention sinks ({sink}), which the fused backend does not compute; "
+            raise UserError(f"{name} adds attention sinks ({sink}), which the fused backend does not compute; "
                              "use backend='reference'")
     window = kwargs.get("sliding_window")
     if window is not None and keys > window:
-        raise ValueError(f"{name} attends within a sliding window of {window} positions and this forward has "
+        raise UserError(f"{name} attends within a sliding window of {window} positions and this forward has "
                          f"{keys} keys (prompt rows included): the fused backend attends to all of them. Use "
                          "backend='reference', or sequences of at most the window")
 
@@ -142,12 +143,12 @@ def route_attention(model: nn.Module) -> None:
             continue
         capped = [name for name in ("attn_logit_softcapping", "final_logit_softcapping") if getattr(config, name, None)]
         if capped:
-            raise ValueError(f"{type(config).__name__} caps logits ({', '.join(capped)}, as Gemma 2 does), which "
+            raise UserError(f"{type(config).__name__} caps logits ({', '.join(capped)}, as Gemma 2 does), which "
                              "m2pt_fast's backends do not compute: this model is not supported")
         current = config._attn_implementation or "eager"  # None: get_interface's default, the eager path
         if current != NAME:
             if current not in ALL_MASK_ATTENTION_FUNCTIONS:
-                raise ValueError(f"{type(module).__name__} uses attention {current!r}, which m2pt_fast cannot wrap; "
+                raise UserError(f"{type(module).__name__} uses attention {current!r}, which m2pt_fast cannot wrap; "
                                  "load the model with attn_implementation='sdpa' or 'eager'")
             setattr(config, _INNER, current)
             config._attn_implementation = NAME

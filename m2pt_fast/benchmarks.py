@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from m2pt_fast.errors import MissingInput, UserError
 from m2pt_fast.evaluation import MME_COGNITION, MME_PERCEPTION, POPE_SPLITS
 
 M2PT_TASKS = ("cifar_10", "cifar_100", "mnist", "snli_ve_classification", "visual_spatial_reasoning", "text_vqa",
@@ -71,11 +72,11 @@ def _images_in(folder: Path) -> dict[str, Path]:
 
 def load_mme(root: Path, report: LoadReport) -> list[Question]:
     if not root.is_dir():
-        raise FileNotFoundError(f"MME: {root} is not a directory (the release's folder of 14 subtasks)")
+        raise MissingInput(f"MME: {root} is not a directory (the release's folder of 14 subtasks)")
     questions = []
     found = [c for c in MME_PERCEPTION + MME_COGNITION if (root / c).is_dir()]
     if not found:
-        raise FileNotFoundError(f"MME: {root} holds none of the 14 subtask folders ({', '.join(MME_PERCEPTION)}, ...)")
+        raise MissingInput(f"MME: {root} holds none of the 14 subtask folders ({', '.join(MME_PERCEPTION)}, ...)")
     for category in found:
         folder = root / category
         texts_dir = folder / "questions_answers_YN" if (folder / "questions_answers_YN").is_dir() else folder
@@ -99,7 +100,7 @@ def load_mme(root: Path, report: LoadReport) -> list[Question]:
 
 def _json_lines(path: Path, report: LoadReport, what: str) -> list[dict]:
     if not path.is_file():
-        raise FileNotFoundError(f"{what}: {path} does not exist")
+        raise MissingInput(f"{what}: {path} does not exist")
     rows = []
     for line in path.read_text(encoding="utf-8").splitlines():
         if not line.strip():
@@ -158,7 +159,7 @@ def load_llava_questions(path: Path, image_folder: Path | None, report: LoadRepo
     file's folder) and text, asked exactly as written, instructions included. The benchmark is named
     by the file's stem; a record's category is kept; an answer (ANSWER_FIELDS) makes it scorable."""
     if path.stem in BENCHMARKS or path.stem.startswith(("pope_", "synthetic_")):
-        raise ValueError(f"{path}: a question file named like the built-in benchmark {path.stem!r} would be scored "
+        raise UserError(f"{path}: a question file named like the built-in benchmark {path.stem!r} would be scored "
                          "as that one; rename the file")
     images = image_folder or path.parent
     questions = []
@@ -184,11 +185,11 @@ def load_llava_questions(path: Path, image_folder: Path | None, report: LoadRepo
 
 def _json_file(path: Path, what: str):
     if not path.is_file():
-        raise FileNotFoundError(f"{what}: {path} does not exist")
+        raise MissingInput(f"{what}: {path} does not exist")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{what}: {path} is not JSON ({e})") from e
+        raise UserError(f"{what}: {path} is not JSON ({e})") from e
 
 
 def load_textvqa(data_dir: Path, image_folder: Path, report: LoadReport) -> list[Question]:
@@ -221,7 +222,7 @@ def _split_rows(data_dir: Path, report: LoadReport, what: str, fields: str):
     """(record id, row) of every line of every .jsonl file in data_dir (the benchmark's splits)."""
     files = sorted(data_dir.glob("*.jsonl"))
     if not files:
-        raise FileNotFoundError(f"{what}: {data_dir} holds no .jsonl file ({fields})")
+        raise MissingInput(f"{what}: {data_dir} holds no .jsonl file ({fields})")
     for path in files:
         for k, row in enumerate(_json_lines(path, report, what)):
             yield f"{path.stem}/{k}", row
@@ -284,7 +285,7 @@ def load_benchmark(name: str, data_dir: str | Path | None, image_folder: str | P
     if name == "synthetic":
         return load_synthetic(seed)
     if data_dir is None:
-        raise ValueError(f"--benchmark {name} needs --data_dir (where its files are)")
+        raise UserError(f"--benchmark {name} needs --data_dir (where its files are)")
     data_dir = Path(data_dir)
     if name == "mme":
         return load_mme(data_dir, report)
@@ -296,4 +297,4 @@ def load_benchmark(name: str, data_dir: str | Path | None, image_folder: str | P
         return {"textvqa": load_textvqa, "vsr": load_vsr, "snli_ve": load_snli_ve}[name](data_dir, images, report)
     if name in M2PT_TASKS:
         return load_task(data_dir, name, report)
-    raise ValueError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
+    raise UserError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")

@@ -22,6 +22,7 @@ from transformers import (
 )
 
 from m2pt_fast import compat
+from m2pt_fast.errors import MissingInput, UserError
 
 
 class LinearProjector(nn.Module):
@@ -140,7 +141,7 @@ NAMED_CONFIGS = {
 def llava_config(name: str) -> LlavaConfig:
     """A fresh LlavaConfig for one of NAMED_CONFIGS."""
     if name not in NAMED_CONFIGS:
-        raise ValueError(f"unknown model shape {name!r}; named shapes are {sorted(NAMED_CONFIGS)}")
+        raise UserError(f"unknown model shape {name!r}; named shapes are {sorted(NAMED_CONFIGS)}")
     return NAMED_CONFIGS[name]()
 
 
@@ -179,12 +180,12 @@ def build_llava(
         config.text_config.pad_token_id = pad_token_id
     vocab = config.text_config.vocab_size
     if not 0 <= config.image_token_id < vocab:
-        raise ValueError(
+        raise UserError(
             f"image_token_id {config.image_token_id} must lie inside the vocabulary [0, {vocab}): "
             "pass image_token_id= or a larger vocab_size="
         )
     if not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+        raise UserError(f"dtype must be a floating-point dtype, got {dtype}")
     config._attn_implementation = attn_implementation
     if seed is not None:
         torch.manual_seed(seed)
@@ -221,10 +222,10 @@ def load_llava(
 
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"model directory {str(path)!r} does not exist (local directories only; "
+        raise MissingInput(f"model directory {str(path)!r} does not exist (local directories only; "
                                 "nothing is downloaded)")
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{str(path)!r} has no config.json: is it a transformers model directory?")
+        raise MissingInput(f"{str(path)!r} has no config.json: is it a transformers model directory?")
     from m2pt_fast import llava_original
 
     config = json.loads((path / "config.json").read_text())
@@ -238,7 +239,7 @@ def load_llava(
         return model
     weights = [*path.glob("*.safetensors"), *path.glob("*.bin"), *path.glob("*.safetensors.index.json")]
     if not weights:
-        raise FileNotFoundError(f"{str(path)!r} has a config.json but no weights (*.safetensors or *.bin)")
+        raise MissingInput(f"{str(path)!r} has a config.json but no weights (*.safetensors or *.bin)")
     model = compat.from_pretrained(LlavaForConditionalGeneration, path, dtype=dtype,
                                    attn_implementation=attn_implementation)
     return model.to(device).eval()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from m2pt_fast.benchmarks import Question
 from m2pt_fast.data.conversation import TEMPLATES
+from m2pt_fast.errors import UserError
 from m2pt_fast.evaluate import _distributed, answer, load_model
 
 
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _, _, device = _distributed()
         model, tokenizer, encoder, preprocess, _ = load_model(args, device)
-    except (ValueError, FileNotFoundError) as e:
+    except (UserError, FileNotFoundError) as e:
         print(f"chat: error: {e}", file=sys.stderr)
         return 2
 

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from m2pt_fast.errors import UserError
+
 STATE_TAG = "state"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -70,7 +72,7 @@ def finished_run(output_dir: str | Path) -> bool:
         return False
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(UserError):
     """A sound checkpoint written by another number of processes: no older one would fit either."""
 
 
@@ -161,7 +163,7 @@ def load_rng(directory: Path, rank: int, world_size: int) -> None:
     path = directory / f"rng-rank{rank}.pt"
     if not path.is_file():
         saved = len(list(directory.glob("rng-rank*.pt")))
-        raise ValueError(
+        raise UserError(
             f"{directory} was written by {saved} process(es) but this run has {world_size}: "
             "resume with the same number of processes"
         )
@@ -211,10 +213,10 @@ class OutputDirLock:
             except FileExistsError:
                 holder = self._holder()
                 if holder and holder.get("host") == me["host"] and _alive(holder.get("pid")):
-                    raise ValueError(f"{self.path.parent} is in use by a live run (PID {holder['pid']}); "
+                    raise UserError(f"{self.path.parent} is in use by a live run (PID {holder['pid']}); "
                                      "wait for it to end or stop it, or give another --output_dir") from None
                 if holder and holder.get("host") != me["host"]:
-                    raise ValueError(f"{self.path.parent} is locked by a run on host {holder.get('host')} "
+                    raise UserError(f"{self.path.parent} is locked by a run on host {holder.get('host')} "
                                      f"(PID {holder.get('pid')}); if that run is gone, delete {self.path}") from None
                 note = f"took over the lock of a run that is gone ({holder or 'unreadable lock file'})"
                 self.path.unlink(missing_ok=True)
@@ -223,7 +225,7 @@ class OutputDirLock:
                 json.dump(me, f)
             self.held = True
             return note
-        raise ValueError(f"could not take the lock {self.path}: another run is starting in the same directory")
+        raise UserError(f"could not take the lock {self.path}: another run is starting in the same directory")
 
     def _holder(self) -> dict | None:
         try:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from m2pt_fast.errors import UserError
 from m2pt_fast.llava_original import read_tensors, weight_files
 from m2pt_fast.prompt_io import FORMAT, FORMAT_VERSION
 
@@ -31,7 +32,7 @@ VISION = re.compile(r"model\.vision_tower\.vision_tower\.vision_model\.encoder\.
 FEATURE_LAYER, STRATEGY = -2, "default"
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """A checkpoint that is not one of the released code's, or lacks what the prompt file needs."""
 
 
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         path = convert(args.checkpoint, args.out)
-    except (ValueError, OSError) as e:  # ConversionError, LlavaSourceError (no weights)
+    except (UserError, OSError) as e:  # ConversionError, LlavaSourceError (no weights), unreadable files
         print(f"convert_official: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {path}")

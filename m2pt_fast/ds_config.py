@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from m2pt_fast.errors import UserError
+
 from .train_config import TrainConfig
 
 # Used when no --ds_config is given: plain data parallel, every value from the command line.
@@ -28,16 +30,16 @@ def load_ds_config(path: str | None) -> dict[str, Any]:
     try:
         ds = json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"--ds_config {path} is not valid JSON: {e}") from e
+        raise UserError(f"--ds_config {path} is not valid JSON: {e}") from e
     if not isinstance(ds, dict):
-        raise ValueError(f"--ds_config {path} holds a JSON {type(ds).__name__}; a DeepSpeed config is an object "
+        raise UserError(f"--ds_config {path} holds a JSON {type(ds).__name__}; a DeepSpeed config is an object "
                          "({\"zero_optimization\": {\"stage\": 2}, ...}, as in configs/)")
     zero = ds.get("zero_optimization", {})
     if not isinstance(zero, dict):
-        raise ValueError(f"--ds_config {path}: zero_optimization must be an object, got {zero!r}")
+        raise UserError(f"--ds_config {path}: zero_optimization must be an object, got {zero!r}")
     stage = zero.get("stage", 0)
     if isinstance(stage, bool) or not isinstance(stage, int) or stage not in (0, 1, 2, 3):
-        raise ValueError(f"--ds_config {path}: zero_optimization.stage must be the number 0, 1, 2 or 3, got {stage!r}")
+        raise UserError(f"--ds_config {path}: zero_optimization.stage must be the number 0, 1, 2 or 3, got {stage!r}")
     return ds
 
 
@@ -56,7 +58,7 @@ def _fill(section: dict[str, Any], key: str, value: Any, option: str, where: str
     if current == "auto":
         section[key] = value
     elif current != value:
-        raise ValueError(
+        raise UserError(
             f"{where} sets {key}={current!r} but {option} gives {value!r}: set it to \"auto\" in the DeepSpeed "
             f"config (the command line then decides) or make the two agree"
         )
@@ -69,12 +71,12 @@ def resolve_ds_config(ds: dict[str, Any], config: TrainConfig, world_size: int, 
     for section, why in (("optimizer", "AdamW over the tuned parameters only"),
                          ("scheduler", f"the --lr_scheduler_type schedule ({config.lr_scheduler_type})")):
         if section in ds:
-            raise ValueError(
+            raise UserError(
                 f"{where} has an \"{section}\" section: remove it. The trainer builds {why} itself; a DeepSpeed "
                 f"{section} would silently replace it (M²PT's released code lost its cosine schedule this way)"
             )
     if ds.get("fp16", {}).get("enabled") is True:
-        raise ValueError(f"{where} enables fp16: M²PT trains in bf16 (GPU) or fp32; "
+        raise UserError(f"{where} enables fp16: M²PT trains in bf16 (GPU) or fp32; "
                          "set \"bf16\": {\"enabled\": \"auto\"} instead")
     ds.setdefault("fp16", {})["enabled"] = False
 
@@ -89,9 +91,9 @@ def resolve_ds_config(ds: dict[str, Any], config: TrainConfig, world_size: int, 
     zero = ds.setdefault("zero_optimization", {"stage": 0})
     stage = zero_stage(ds)
     if stage not in (0, 1, 2, 3):
-        raise ValueError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage}")
+        raise UserError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage}")
     if stage == 3 and config.quant == "nf4":
-        raise ValueError(
+        raise UserError(
             f"{where} uses ZeRO-3 with --quant nf4: 4-bit weights cannot be partitioned (broken upstream in "
             "bitsandbytes + DeepSpeed). Use a ZeRO 0-2 config (configs/zero2.json) with nf4, "
             "or --quant bf16 with ZeRO-3"
@@ -104,7 +106,7 @@ def resolve_ds_config(ds: dict[str, Any], config: TrainConfig, world_size: int, 
         ds.setdefault("zero_force_ds_cpu_optimizer", False)
     leftover = [k for k, v in _walk(ds) if v == "auto"]
     if leftover:
-        raise ValueError(f"{where}: no option fills the \"auto\" value(s) of {leftover}; give concrete values")
+        raise UserError(f"{where}: no option fills the \"auto\" value(s) of {leftover}; give concrete values")
     return ds
 
 

@@ -33,6 +33,7 @@ from m2pt_fast.base_model import load_base
 from m2pt_fast.benchmarks import BENCHMARKS, LoadReport, Question, load_benchmark, load_llava_questions
 from m2pt_fast.data import ConversationEncoder, ImagePreprocessor
 from m2pt_fast.data.conversation import TEMPLATES
+from m2pt_fast.errors import UserError
 from m2pt_fast.evaluation import choice_correct, mm_avg, mme_scores, pope_scores, vqa_accuracy
 from m2pt_fast.methods import OUTPUT_NAMES, apply_method, load_output
 from m2pt_fast.train_config import TrainConfig
@@ -76,13 +77,13 @@ def _config(args) -> tuple[TrainConfig, dict]:
     if args.run_dir:
         path = Path(args.run_dir) / "run_config.json"
         if not path.is_file():
-            raise ValueError(f"--run_dir {args.run_dir} has no run_config.json: not a training run's output directory")
+            raise UserError(f"--run_dir {args.run_dir} has no run_config.json: not a training run's output directory")
         run = json.loads(path.read_text())
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         values = {k: v for k, v in run["config"].items() if k in known}
         values["output_dir"] = args.run_dir
         if values.get("data_path") and not Path(values["data_path"]).is_file():
-            raise ValueError(f"the run trained on --data_path {values['data_path']}, which is gone: the embedded "
+            raise UserError(f"the run trained on --data_path {values['data_path']}, which is gone: the embedded "
                              "model's vocabulary (so its weights) is built from it")
     for name in ("model_name_or_path", "vision_tower", "pretrain_mm_mlp_adapter"):
         if getattr(args, name):
@@ -102,7 +103,7 @@ def load_model(args, device: torch.device):
         Path(args.run_dir) / OUTPUT_NAMES[run.get("method", "m2pt")] if args.run_dir else None)
     if output is not None:
         if not output.exists():
-            raise ValueError(f"{output} does not exist: the trained output to evaluate (--prompts or the run's)")
+            raise UserError(f"{output} does not exist: the trained output to evaluate (--prompts or the run's)")
         model = load_output(llava, output, run.get("method"))
     else:
         model = apply_method(llava, "m2pt", num_vision_prompts=0, num_text_prompts=0)  # the base model as it is
@@ -231,10 +232,10 @@ def evaluate(args) -> dict:
     """Answer and score every benchmark; under a launcher, question k goes to rank k % world and
     rank 0 writes the results, in question order."""
     if args.batch_size < 1 or args.max_new_tokens < 1:
-        raise ValueError("--batch_size and --max_new_tokens must be at least 1")
+        raise UserError("--batch_size and --max_new_tokens must be at least 1")
     judge = args.judge_model_name_or_path
     if judge and not (Path(judge) / "config.json").is_file():  # before any question is answered
-        raise ValueError(f"--judge_model_name_or_path {judge}: no config.json there (a local causal LM directory, "
+        raise UserError(f"--judge_model_name_or_path {judge}: no config.json there (a local causal LM directory, "
                          "e.g. vicuna-13b-v1.5; nothing is downloaded)")
     rank, world, device = _distributed()
     try:
@@ -364,7 +365,7 @@ def compare(eval_dirs: list[str], output_dir: str) -> str:
     for directory in eval_dirs:
         path = Path(directory) / "scores.json"
         if not path.is_file():
-            raise ValueError(f"--compare {directory} has no scores.json: not an evaluate output directory")
+            raise UserError(f"--compare {directory} has no scores.json: not an evaluate output directory")
         runs.append((Path(directory).name, json.loads(path.read_text())))
     names = [b for b in dict.fromkeys(b for _, s in runs for b in s["benchmarks"])]
     rows = ["| benchmark | " + " | ".join(label for label, _ in runs) + " |", "|---" * (len(runs) + 1) + "|"]
@@ -414,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare:
         try:
             print(compare(args.compare, args.output_dir), end="")
-        except ValueError as e:
+        except UserError as e:
             print(f"evaluate: error: {e}", file=sys.stderr)
             return 2
         return 0
@@ -423,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         scores = evaluate(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (UserError, FileNotFoundError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:

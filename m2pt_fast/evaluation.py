@@ -17,6 +17,8 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 
+from m2pt_fast.errors import UserError
+
 # ----------------------------------------------------------------------------------------------- MME
 MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
                   "artwork", "OCR")
@@ -59,7 +61,7 @@ def mme_scores(rows: Iterable[Mapping]) -> dict:
     cognition = sum(subtasks[c]["score"] for c in MME_COGNITION if c in subtasks)
     unknown = sorted(set(subtasks) - set(MME_PERCEPTION) - set(MME_COGNITION))
     if unknown:
-        raise ValueError(f"MME subtasks {unknown} are not among the 14 "
+        raise UserError(f"MME subtasks {unknown} are not among the 14 "
                          f"({', '.join(MME_PERCEPTION + MME_COGNITION)})")
     return {"perception": perception, "cognition": cognition, "total": perception + cognition,
             "subtasks": subtasks}
@@ -172,7 +174,7 @@ def vqa_accuracy(prediction: str, answers: list[str]) -> float:
     """TextVQA's (VQA's) soft accuracy of one prediction against its human answers (10 of them): both
     normalized; for each answer left out in turn, min(1, matches among the others / 3), averaged."""
     if not answers:
-        raise ValueError("vqa_accuracy needs the human answers (TextVQA gives 10 per question)")
+        raise UserError("vqa_accuracy needs the human answers (TextVQA gives 10 per question)")
     pred = normalize_vqa_answer(prediction)
     normalized = [normalize_vqa_answer(a) for a in answers]
     scores = []
@@ -224,5 +226,5 @@ def mm_avg(accuracies: Mapping[str, float]) -> float:
         values["pope"] = sum(splits) / len(splits)
     present = [values[k] for k in MM_AVG_BENCHMARKS if k in values]
     if not present:
-        raise ValueError(f"mm_avg needs at least one of {MM_AVG_BENCHMARKS}")
+        raise UserError(f"mm_avg needs at least one of {MM_AVG_BENCHMARKS}")
     return sum(present) / len(present)

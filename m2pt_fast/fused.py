@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from m2pt_fast.errors import UserError
+
 from .attention import PrefixContext, prefix_kv, run_layer
 from .compat import Cache, new_cache
 
@@ -74,7 +76,7 @@ def text_prefix(lm, prompts: torch.Tensor) -> dict:
 def _right_padded_lengths(attention_mask: torch.Tensor) -> torch.Tensor | None:
     """(B, T) mask of the form 1...1 0...0 -> lengths (B,) int32, or None when nothing is padded."""
     if (attention_mask[:, 1:] > attention_mask[:, :-1]).any():
-        raise ValueError(
+        raise UserError(
             "the fused backend trains on right-padded batches (tokens first, padding after); this "
             "attention_mask has padding before tokens. Pad on the right, or use backend='reference'."
         )
@@ -137,9 +139,9 @@ def text_forward(lm, lm_head, prompts, embeds, attention_mask, labels, position_
     if attention_mask is None:
         attention_mask = torch.ones(batch, seq_len, dtype=torch.long, device=embeds.device)
     if tuple(attention_mask.shape) != (batch, seq_len):
-        raise ValueError(f"attention_mask must have shape {(batch, seq_len)}, got {tuple(attention_mask.shape)}")
+        raise UserError(f"attention_mask must have shape {(batch, seq_len)}, got {tuple(attention_mask.shape)}")
     if labels is not None and tuple(labels.shape) != (batch, seq_len):
-        raise ValueError(f"labels must have the shape of input_ids {(batch, seq_len)}, got {tuple(labels.shape)}")
+        raise UserError(f"labels must have the shape of input_ids {(batch, seq_len)}, got {tuple(labels.shape)}")
     context = PrefixContext(text_prefix(lm, prompts) if n else {}, _right_padded_lengths(attention_mask))
     if position_ids is None:
         position_ids = torch.arange(seq_len, device=embeds.device).expand(batch, seq_len)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from m2pt_fast.errors import UserError
+
 from . import fused
 from .compat import cache_kwargs
 
@@ -20,7 +22,7 @@ from .compat import cache_kwargs
 def _check_left_padded(attention_mask: torch.Tensor) -> None:
     # Left padding means each row is 0...0 1...1: never a 1 followed by a 0.
     if (attention_mask[:, 1:] < attention_mask[:, :-1]).any():
-        raise ValueError(
+        raise UserError(
             "generate needs left-padded batches (padding before the tokens); this attention_mask has padding "
             "after tokens. Tokenize with padding_side='left'."
         )
@@ -38,13 +40,13 @@ def generate(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None =
     generator (torch.manual_seed), as transformers does.
     """
     if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
+        raise UserError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+        raise UserError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
                          f"got {tuple(attention_mask.shape)}")
     _check_left_padded(attention_mask)
     if max_new_tokens == 0:

@@ -14,6 +14,7 @@ import re
 import torch
 
 from m2pt_fast.data.conversation import ASSISTANT, SYSTEM_PROMPT, USER
+from m2pt_fast.errors import UserError
 
 JUDGE_QUESTION = (
     "Decide whether a model's answer to a question about an image is correct.\n"
@@ -46,7 +47,7 @@ class Judge:
         from m2pt_fast import compat
 
         if not (Path(path) / "config.json").is_file():
-            raise ValueError(f"--judge_model_name_or_path {path}: no config.json there (a local causal LM "
+            raise UserError(f"--judge_model_name_or_path {path}: no config.json there (a local causal LM "
                              "directory, e.g. vicuna-13b-v1.5; nothing is downloaded)")
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         if self.tokenizer.pad_token_id is None:

@@ -44,6 +44,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 from m2pt_fast.builders import LinearProjector, _default_dtype
 from m2pt_fast.compat import no_init_weights
+from m2pt_fast.errors import UserError
 
 SELECT_FEATURES = {"patch": "default", "cls_patch": "full"}
 PROJECTOR_TYPES = ("linear", "mlp2x_gelu")
@@ -53,7 +54,7 @@ DEFAULT_SELECT_FEATURE = "patch"
 IMAGE_TOKEN = "<image>"
 
 
-class LlavaSourceError(ValueError):
+class LlavaSourceError(UserError):
     """A LLaVA source that cannot be loaded: the message names what is missing or does not fit."""
 
 

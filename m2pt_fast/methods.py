@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from m2pt_fast.errors import MissingInput, UserError
 from m2pt_fast.model import M2PTLlava, apply_m2pt
 from m2pt_fast.prompt_io import load_prompts, save_prompts
 
@@ -63,25 +64,25 @@ def check_method(method: str, num_vision_prompts: int, num_text_prompts: int, *,
     A 4-bit backbone under ZeRO-3 (QLoRA there too) is refused for every method by
     ds_config.resolve_ds_config: ZeRO-3 would partition the packed weights."""
     if method not in METHODS:
-        raise ValueError(f"--method must be one of {METHODS}, got {method!r}")
+        raise UserError(f"--method must be one of {METHODS}, got {method!r}")
     if method == "vpt" and num_text_prompts:
-        raise ValueError(f"--method vpt tunes visual prompts only: drop --num_text_prompts {num_text_prompts} "
+        raise UserError(f"--method vpt tunes visual prompts only: drop --num_text_prompts {num_text_prompts} "
                          "(or use --method m2pt)")
     if method == "text_pt" and num_vision_prompts:
-        raise ValueError(f"--method text_pt tunes textual prompts only: drop --num_vision_prompts "
+        raise UserError(f"--method text_pt tunes textual prompts only: drop --num_vision_prompts "
                          f"{num_vision_prompts} (or use --method m2pt)")
     if method in PROMPT_METHODS and not (num_vision_prompts or num_text_prompts):
         return  # the projector alone: M²PT's "no prompts" ablation (TrainConfig checks something trains)
     if method in ("lora", "full"):
         if num_vision_prompts or num_text_prompts:
-            raise ValueError(f"--method {method} trains no prompts: drop --num_vision_prompts/--num_text_prompts "
+            raise UserError(f"--method {method} trains no prompts: drop --num_vision_prompts/--num_text_prompts "
                              "(prompts with LoRA are not one of the paper's methods)")
         if tune_lm_head:
-            raise ValueError(f"--tune_lm_head with --method {method}: "
+            raise UserError(f"--tune_lm_head with --method {method}: "
                              + ("full fine-tuning trains lm_head already" if method == "full"
                                 else "LoRA here adapts the decoder's linear layers; use --method full"))
     if method == "full" and quant == "nf4":
-        raise ValueError("--method full cannot train a 4-bit backbone: use --quant bf16 (with --bf16) and ZeRO-3 "
+        raise UserError("--method full cannot train a 4-bit backbone: use --quant bf16 (with --bf16) and ZeRO-3 "
                          "(--ds_config configs/zero3.json) to fit, or --method lora for QLoRA")
 
 
@@ -209,7 +210,7 @@ def load_output(llava, path: str | os.PathLike, method: str | None = None, **pro
         from peft import LoraConfig, PeftModel
 
         if not (path / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"{path} has no adapter_config.json: not a PEFT adapter directory")
+            raise MissingInput(f"{path} has no adapter_config.json: not a PEFT adapter directory")
         config = LoraConfig.from_pretrained(str(path))
         _register_nf4(config)
         peft_model = PeftModel.from_pretrained(llava, str(path), config=config, is_trainable=False)

@@ -29,6 +29,8 @@ from torch.utils.checkpoint import checkpoint
 from transformers import LlavaForConditionalGeneration
 from transformers.utils import ModelOutput
 
+from m2pt_fast.errors import UserError
+
 from . import fused, reference
 from .attention import route_attention
 from .compat import Cache, GradientCheckpointingLayer, set_layer_checkpointing
@@ -54,10 +56,10 @@ class M2PTConfig:
         for name in ("num_vision_prompts", "num_text_prompts"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer (0 disables those prompts), got {value!r}")
+                raise UserError(f"{name} must be a non-negative integer (0 disables those prompts), got {value!r}")
         for name in ("tune_projector", "tune_lm_head", "official_vision_features"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+                raise UserError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -110,7 +112,7 @@ def feature_layer_indices(llava: LlavaForConditionalGeneration) -> list[int]:
     indices = [layer if layer >= 0 else num_layers + 1 + layer for layer in layers]
     for layer, index in zip(layers, indices):
         if not 0 <= index <= num_layers:
-            raise ValueError(f"vision_feature_layer {layer} is outside a {num_layers}-layer vision tower")
+            raise UserError(f"vision_feature_layer {layer} is outside a {num_layers}-layer vision tower")
     return indices
 
 
@@ -118,7 +120,7 @@ def _official_feature_layer(llava: LlavaForConditionalGeneration, indices: list[
     """The one layer whose input the released code's feature selection reads (its prompts written in)."""
     layers = llava.config.vision_config.num_hidden_layers
     if len(indices) != 1 or not 0 <= indices[0] < layers:
-        raise ValueError(f"official_vision_features reads one vision layer's input with its prompts: it needs a "
+        raise UserError(f"official_vision_features reads one vision layer's input with its prompts: it needs a "
                          f"single vision_feature_layer before the last layer's output, got {indices}")
     return indices[0]
 
@@ -145,7 +147,7 @@ class PromptTuned:
     @backend.setter
     def backend(self, value: str) -> None:
         if value not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {value!r}")
+            raise UserError(f"backend must be one of {BACKENDS}, got {value!r}")
         self._backend = value
         frozen = getattr(self, "frozen_model", None)
         if frozen is not None:  # the fused path's norms and activations save less (m2pt_fast/lean.py)
@@ -161,7 +163,7 @@ def set_gradient_checkpointing(root: nn.Module, every_n_layers: int | None) -> N
     """
     if every_n_layers is not None and (isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int)
                                        or every_n_layers < 1):
-        raise ValueError(f"every_n_layers must be a positive integer, got {every_n_layers!r}")
+        raise UserError(f"every_n_layers must be a positive integer, got {every_n_layers!r}")
     recompute = functools.partial(checkpoint, use_reentrant=False)
     layers = [m for m in root.modules() if isinstance(m, GradientCheckpointingLayer)]
     for index, layer in enumerate(layers):
@@ -201,7 +203,7 @@ class M2PTLlava(PromptTuned, nn.Module):
         self.feature_layers = feature_layer_indices(llava)
         strategy = llava.config.vision_feature_select_strategy
         if strategy not in ("default", "full"):
-            raise ValueError(f"vision_feature_select_strategy {strategy!r} is not supported (use 'default' or 'full')")
+            raise UserError(f"vision_feature_select_strategy {strategy!r} is not supported (use 'default' or 'full')")
 
         # Prompts follow the dtype/device of the embeddings they sit beside (never quantized).
         vision_ref = vision.embeddings.patch_embedding.weight
@@ -239,7 +241,7 @@ class M2PTLlava(PromptTuned, nn.Module):
             lm_head = self.llava.lm_head.weight
             embed = self.llava.model.language_model.embed_tokens.weight
             if lm_head is embed or (lm_head.device.type != "meta" and lm_head.data_ptr() == embed.data_ptr()):
-                raise ValueError(
+                raise UserError(
                     "tune_lm_head=True on a model whose lm_head is tied to the input embeddings would also "
                     "train the embeddings; untie them first (config.tie_word_embeddings=False) or keep "
                     "tune_lm_head=False"
@@ -307,12 +309,12 @@ class M2PTLlava(PromptTuned, nn.Module):
     def _check_pixels(self, pixel_values: torch.Tensor) -> None:
         expected = (3, self.image_size, self.image_size)
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
-            raise ValueError(
+            raise UserError(
                 f"pixel_values must have shape (num_images, {expected[0]}, {expected[1]}, {expected[2]}) for this "
                 f"vision tower, got {tuple(pixel_values.shape)}"
             )
         if not pixel_values.is_floating_point():
-            raise ValueError(f"pixel_values must be a floating-point tensor, got {pixel_values.dtype}")
+            raise UserError(f"pixel_values must be a floating-point tensor, got {pixel_values.dtype}")
 
     # ----------------------------------------------------------------------------------------- text
     def forward(
@@ -337,7 +339,7 @@ class M2PTLlava(PromptTuned, nn.Module):
         fused backend computes logits only when asked or when no labels are given.
         """
         if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
+            raise UserError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
         embeds = self.embed_inputs(input_ids, pixel_values)
         return text_forward(self, embeds, attention_mask, labels, position_ids, cache, use_cache, return_logits)
 
@@ -350,7 +352,7 @@ class M2PTLlava(PromptTuned, nn.Module):
         num_images = 0 if pixel_values is None else pixel_values.shape[0]
         expected = num_images * self.image_seq_length
         if num_image_tokens != expected:
-            raise ValueError(
+            raise UserError(
                 f"input_ids hold {num_image_tokens} image tokens (id {self.image_token_id}) but "
                 f"{num_images} image(s) need {expected} ({self.image_seq_length} each): expand each <image> "
                 f"placeholder to {self.image_seq_length} image tokens, one per image in pixel_values"

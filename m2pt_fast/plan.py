@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from m2pt_fast import memory
+from m2pt_fast.errors import MissingInput, UserError
 
 GIB = 2**30
 # fp32 master 4 + fp32 gradient 4 + fp32 Adam states 8, less the bf16 states the count has (4)
@@ -86,16 +87,16 @@ def _llava_config(request: PlanRequest):
     path = Path(request.model_name_or_path)
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"{str(path)!r} has no config.json (a transformers LLaVA directory; "
+        raise MissingInput(f"{str(path)!r} has no config.json (a transformers LLaVA directory; "
                                 "nothing is downloaded)")
     config = json.loads(config_file.read_text())
     from m2pt_fast import llava_original
 
     if llava_original.is_original_layout(config):
-        raise ValueError(f"{config_file}: LLaVA's own layout; pick the --shape it has, or write it as an NF4 "
+        raise UserError(f"{config_file}: LLaVA's own layout; pick the --shape it has, or write it as an NF4 "
                          "directory (python -m m2pt_fast.to_nf4) and plan that")
     if config.get("model_type") != "llava":
-        raise ValueError(f"{config_file}: model_type {config.get('model_type')!r}; the planner reads transformers' "
+        raise UserError(f"{config_file}: model_type {config.get('model_type')!r}; the planner reads transformers' "
                          "LLaVA configs (model_type 'llava'); for LLaVA's own layout pick the --shape it has")
     from transformers import LlavaConfig
 
@@ -115,7 +116,7 @@ def meta_model(config, *, quant: str, method: str, num_vision_prompts: int, num_
 
         quantize_model(llava)
     elif quant not in ("bf16", "fp32"):
-        raise ValueError(f"--quant must be nf4 or bf16, got {quant!r}")
+        raise UserError(f"--quant must be nf4 or bf16, got {quant!r}")
     model = apply_method(llava, method, num_vision_prompts=num_vision_prompts, num_text_prompts=num_text_prompts,
                          backend=backend, **method_options)
     model.train()
@@ -139,7 +140,7 @@ def _batch_maker(model, model_max_length: int, answer_tokens: int | None, micro_
     image = model.image_seq_length
     text = model_max_length - 1 - image
     if text < 1:
-        raise ValueError(f"--model_max_length {model_max_length} leaves no text after BOS and the image's "
+        raise UserError(f"--model_max_length {model_max_length} leaves no text after BOS and the image's "
                          f"{image} tokens")
     answer = text if answer_tokens is None else min(answer_tokens, text)
     vocab = model.llava.config.text_config.vocab_size
@@ -187,14 +188,14 @@ def data_lengths(request: PlanRequest, model, progress: bool = False) -> dict:
     from m2pt_fast.data import ConversationEncoder, load_llava_records, longest_sample
 
     if request.model_name_or_path is None:
-        raise ValueError("--data_path needs --model_name_or_path: the model directory's tokenizer measures the "
+        raise UserError("--data_path needs --model_name_or_path: the model directory's tokenizer measures the "
                          "samples")
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(request.model_name_or_path, local_files_only=True)
     except (OSError, ValueError) as error:
-        raise ValueError(f"{request.model_name_or_path} has no tokenizer to measure --data_path with "
+        raise UserError(f"{request.model_name_or_path} has no tokenizer to measure --data_path with "
                          f"({error})") from error
     encoder = ConversationEncoder(tokenizer, model.image_token_id, model.image_seq_length, request.model_max_length,
                                   version=request.version)
@@ -390,7 +391,7 @@ def main(argv=None) -> int:
     request, as_json = request_from_args(argv)
     try:
         result = plan(request, progress=lambda text: print(f"[plan] {text}", file=sys.stderr, flush=True))
-    except (FileNotFoundError, ValueError) as error:
+    except (FileNotFoundError, UserError) as error:
         print(f"python -m m2pt_fast.plan: {error}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2) if as_json else render(result))

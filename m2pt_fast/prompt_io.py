@@ -22,6 +22,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from m2pt_fast.errors import MissingInput, UserError
+
 FORMAT = "m2pt-prompts"
 FORMAT_VERSION = "1"
 
@@ -76,7 +78,7 @@ def save_prompts(model, path: str | os.PathLike,
     return path
 
 
-class PromptFileError(ValueError):
+class PromptFileError(UserError):
     """A prompt file that cannot be read, or does not fit the model it is loaded into."""
 
 
@@ -104,7 +106,7 @@ def load_prompts(model, path: str | os.PathLike) -> dict[str, str]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file {str(path)!r} does not exist")
+        raise MissingInput(f"prompt file {str(path)!r} does not exist")
     metadata, tensors = _read(path)
 
     expected = _settings(model)

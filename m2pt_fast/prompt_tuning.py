@@ -16,6 +16,8 @@ from torch import nn
 from transformers import CLIPVisionModel, PreTrainedModel, SiglipVisionModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from m2pt_fast.errors import UserError
+
 from .attention import route_attention
 from .generation import generate
 from .model import (
@@ -113,7 +115,7 @@ class DeepTextPrompts(PromptTuned, nn.Module):
                 use_cache=False, return_logits=None) -> M2PTOutput:
         """input_ids (B, T); attention_mask (B, T_past + T); labels (B, T) -> loss, logits (B, T, V)."""
         if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
+            raise UserError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
         embeds = self.language_model.embed_tokens(input_ids)
         return text_forward(self, embeds, attention_mask, labels, position_ids, cache, use_cache, return_logits)
 

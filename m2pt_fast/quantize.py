@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from m2pt_fast.errors import MissingInput, UserError
 from m2pt_kernels import NF4Weight, nf4_dequantize, nf4_linear, nf4_quantize
 from m2pt_kernels.nf4_format import BLOCKSIZES
 
@@ -54,10 +55,10 @@ class QuantizeConfig:
 
     def __post_init__(self):
         if self.blocksize not in BLOCKSIZES:
-            raise ValueError(f"QuantizeConfig.blocksize={self.blocksize} is not supported; use one of {BLOCKSIZES}")
+            raise UserError(f"QuantizeConfig.blocksize={self.blocksize} is not supported; use one of {BLOCKSIZES}")
         self.targets, self.skip = tuple(self.targets), tuple(self.skip)
         if not self.targets:
-            raise ValueError("QuantizeConfig.targets is empty: nothing would be quantized; "
+            raise UserError("QuantizeConfig.targets is empty: nothing would be quantized; "
                              "e.g. targets=('vision_tower', 'language_model')")
 
     def wants(self, name: str) -> bool:
@@ -124,7 +125,7 @@ class NF4Linear(nn.Module):
 
     def set_nf4(self, q: NF4Weight) -> None:
         if tuple(q.shape) != (self.out_features, self.in_features) or q.double_quant != self.double_quant:
-            raise ValueError(f"NF4 weight {q} does not fit NF4Linear({self.in_features}, {self.out_features}, "
+            raise UserError(f"NF4 weight {q} does not fit NF4Linear({self.in_features}, {self.out_features}, "
                              f"double_quant={self.double_quant})")
         self.blocksize, self.weight_dtype = q.blocksize, q.dtype
         self.weight_packed, self.weight_absmax = q.packed, q.absmax
@@ -201,7 +202,7 @@ def quantize_model(model: nn.Module, config: QuantizeConfig | None = None, **ove
     report = QuantizeReport(bytes_before=_tensor_bytes(model))
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and config.wants(n)]
     if not names:
-        raise ValueError(f"quantize_model found no nn.Linear whose name contains one of {config.targets} "
+        raise UserError(f"quantize_model found no nn.Linear whose name contains one of {config.targets} "
                          f"(and none of {config.skip}); is this a LLaVA, or already quantized?")
     for name in names:
         linear = model.get_submodule(name)
@@ -243,7 +244,7 @@ def _empty_model(config_dict: dict, class_name: str | None = None) -> nn.Module:
     name = class_name or (config_dict.get("architectures") or [None])[0]
     cls = getattr(transformers, name, None) if name else None
     if cls is None:
-        raise ValueError(f"cannot tell which model class to build (architectures={config_dict.get('architectures')}); "
+        raise UserError(f"cannot tell which model class to build (architectures={config_dict.get('architectures')}); "
                          "pass model_class='LlavaForConditionalGeneration'")
     with _parameters_on_meta():
         model = cls(config)
@@ -319,7 +320,7 @@ def _open_safetensors(path: Path):
     try:
         return safe_open(str(path), framework="pt", device="cpu")
     except Exception as exc:  # safetensors raises its own error types for a truncated/corrupt header
-        raise ValueError(f"cannot read {path}: {exc} (truncated or corrupt checkpoint? re-download or re-save "
+        raise UserError(f"cannot read {path}: {exc} (truncated or corrupt checkpoint? re-download or re-save "
                          f"it)") from exc
 
 
@@ -332,7 +333,7 @@ def _shards(directory: Path) -> list:
         return [directory / WEIGHTS_FILE]
     if (directory / "model.safetensors").is_file():
         return [directory / "model.safetensors"]
-    raise FileNotFoundError(f"no safetensors checkpoint in {directory} (expected {WEIGHTS_FILE}, model.safetensors "
+    raise MissingInput(f"no safetensors checkpoint in {directory} (expected {WEIGHTS_FILE}, model.safetensors "
                             "or model.safetensors.index.json)")
 
 
@@ -343,7 +344,7 @@ def _read_tensors(path: Path) -> Iterator[tuple]:
             try:
                 yield key, f.get_tensor(key)
             except Exception as exc:
-                raise ValueError(f"cannot read tensor {key!r} from {path}: {exc} (truncated or corrupt "
+                raise UserError(f"cannot read tensor {key!r} from {path}: {exc} (truncated or corrupt "
                                  f"checkpoint?)") from exc
 
 
@@ -353,7 +354,7 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     if leaf in module._parameters:
         old = module._parameters[leaf]
         if old is not None and old.shape != tensor.shape:
-            raise ValueError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, the model expects "
+            raise UserError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, the model expects "
                              f"{tuple(old.shape)}")
         module._parameters[leaf] = nn.Parameter(tensor, requires_grad=old.requires_grad if old is not None else False)
     elif leaf in module._buffers:
@@ -367,7 +368,7 @@ def _check_complete(model: nn.Module, source) -> None:
     missing = [n for n, t in tensors if t is not None and t.device.type == "meta"]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ValueError(f"checkpoint {source} is incomplete: no values for {shown} (truncated download or wrong "
+        raise UserError(f"checkpoint {source} is incomplete: no values for {shown} (truncated download or wrong "
                          f"model?)")
 
 
@@ -390,7 +391,7 @@ def load_quantized(directory, config: QuantizeConfig | None = None, *, model_cla
     directory = Path(directory)
     config_path = directory / "config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: load_quantized needs a model directory")
+        raise MissingInput(f"{config_path} not found: load_quantized needs a model directory")
     config_dict = json.loads(config_path.read_text())
     shards = _shards(directory)
     if shards[0].name == WEIGHTS_FILE:
@@ -399,11 +400,11 @@ def load_quantized(directory, config: QuantizeConfig | None = None, *, model_cla
         qc = config_dict.get("quantization_config") or {}
         if qc.get("quant_method") == "bitsandbytes" and (qc.get("load_in_4bit") or qc.get("_load_in_4bit")):
             if qc.get("bnb_4bit_quant_type", "fp4") != "nf4":
-                raise ValueError(f"{directory} is a bitsandbytes {qc.get('bnb_4bit_quant_type')} checkpoint; only "
+                raise UserError(f"{directory} is a bitsandbytes {qc.get('bnb_4bit_quant_type')} checkpoint; only "
                                  f"nf4 loads")
             model = _load_bnb(shards, config_dict, model_class)
         elif qc:
-            raise ValueError(f"{directory}: quantization_config {qc.get('quant_method')!r} is not supported")
+            raise UserError(f"{directory}: quantization_config {qc.get('quant_method')!r} is not supported")
         else:
             model = _load_float(shards, config_dict, model_class, config or QuantizeConfig())
     _check_complete(model, directory)
@@ -423,9 +424,9 @@ def _load_ours(path: Path, config_dict: dict, model_class: str | None) -> nn.Mod
     with f:
         meta = f.metadata() or {}
     if meta.get("format") != FORMAT_NAME:
-        raise ValueError(f"{path} is not an {FORMAT_NAME} file (metadata format={meta.get('format')!r})")
+        raise UserError(f"{path} is not an {FORMAT_NAME} file (metadata format={meta.get('format')!r})")
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise ValueError(f"{path} uses {FORMAT_NAME} version {meta['format_version']}; this m2pt-fast reads up to "
+        raise UserError(f"{path} uses {FORMAT_NAME} version {meta['format_version']}; this m2pt-fast reads up to "
                          f"{FORMAT_VERSION}: upgrade m2pt-fast")
     model = _empty_model(config_dict, model_class or meta.get("model_class"))
     for name, spec in json.loads(meta["nf4_layers"]).items():
@@ -436,7 +437,7 @@ def _load_ours(path: Path, config_dict: dict, model_class: str | None) -> nn.Mod
         loaded[key] = tensor
     for name, target in json.loads(meta.get("aliases", "{}")).items():
         if target not in loaded:
-            raise ValueError(f"{path}: {name} aliases {target}, which the file lacks (corrupt checkpoint)")
+            raise UserError(f"{path}: {name} aliases {target}, which the file lacks (corrupt checkpoint)")
         _assign(model, name, loaded[target])
     for m in model.modules():
         if isinstance(m, NF4Linear):
@@ -465,7 +466,7 @@ def _load_bnb(shards: list, config_dict: dict, model_class: str | None) -> nn.Mo
             _assign(model, _rename(key, known), tensor)
     for layer, tensors in pending.items():
         if "weight.quant_state.bitsandbytes__nf4" not in tensors:
-            raise ValueError(f"bitsandbytes checkpoint: {layer}.weight is stored as uint8 but has no "
+            raise UserError(f"bitsandbytes checkpoint: {layer}.weight is stored as uint8 but has no "
                              "quant_state.bitsandbytes__nf4 entry (fp4, 8-bit or truncated checkpoint?)")
         q = NF4Weight.from_bnb_state_dict(tensors, "weight")
         linear = linears[layer]
@@ -501,5 +502,5 @@ def _load_float(shards: list, config_dict: dict, model_class: str | None, config
             _assign(model, name, tensor)
     unquantized = [n for n, m in targets.items() if not isinstance(m, NF4Linear)]
     if unquantized:
-        raise ValueError(f"float checkpoint lacks the weights of {unquantized[:5]} (truncated checkpoint?)")
+        raise UserError(f"float checkpoint lacks the weights of {unquantized[:5]} (truncated checkpoint?)")
     return model

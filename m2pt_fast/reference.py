@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from m2pt_fast.errors import UserError
+
 from .compat import cache_kwargs, causal_mask, layer_types, new_cache
 
 IGNORE_INDEX = -100
@@ -55,12 +57,12 @@ def text_forward(lm, lm_head, prompts, embeds, attention_mask, labels, position_
     if attention_mask is None:
         attention_mask = torch.ones(batch, text_past + seq_len, dtype=torch.long, device=device)
     if tuple(attention_mask.shape) != (batch, text_past + seq_len):
-        raise ValueError(
+        raise UserError(
             f"attention_mask must have shape {(batch, text_past + seq_len)} (cached + new tokens), "
             f"got {tuple(attention_mask.shape)}"
         )
     if labels is not None and tuple(labels.shape) != (batch, seq_len):
-        raise ValueError(f"labels must have the shape of input_ids {(batch, seq_len)}, got {tuple(labels.shape)}")
+        raise UserError(f"labels must have the shape of input_ids {(batch, seq_len)}, got {tuple(labels.shape)}")
     if position_ids is None:
         position_ids = torch.arange(text_past, text_past + seq_len, device=device).expand(batch, seq_len)
 

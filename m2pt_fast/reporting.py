@@ -20,13 +20,15 @@ import os
 from pathlib import Path
 from typing import Any
 
+from m2pt_fast.errors import UserError
+
 REPORTERS = ("tensorboard", "wandb")
 # the record's names -> HF Trainer's log names, where it has one
 HF_NAMES = {"lr": "learning_rate"}
 NOT_SCALARS = ("step", "peak_mem_kind")
 
 
-class ReportSetupError(ValueError):
+class ReportSetupError(UserError):
     """--report_to names an integration that cannot run here (the message says what to install)."""
 
 
@@ -42,7 +44,7 @@ def parse_report_to(value: str | list[str] | tuple[str, ...] | None) -> tuple[st
         return tuple(name for name in REPORTERS if _installed(name))
     unknown = [name for name in names if name not in REPORTERS]
     if unknown or "none" in names or "all" in names:
-        raise ValueError(f"--report_to: {', '.join(unknown) or ' '.join(names)} is not one of none, all, "
+        raise UserError(f"--report_to: {', '.join(unknown) or ' '.join(names)} is not one of none, all, "
                          f"{', '.join(REPORTERS)} (give several as --report_to tensorboard wandb)")
     return tuple(dict.fromkeys(names))
 

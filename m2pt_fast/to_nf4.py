@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from m2pt_fast.errors import MissingInput, UserError
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -39,7 +41,7 @@ def convert(source: str, out: str, *, vision_tower: str | None = None, pretrain_
 
     src, target = Path(source), Path(out)
     if not (src / "config.json").is_file():
-        raise FileNotFoundError(f"{src} has no config.json: not a model directory (local files only)")
+        raise MissingInput(f"{src} has no config.json: not a model directory (local files only)")
     if target.exists() and any(target.iterdir()):
         raise FileExistsError(f"{target} exists and is not empty: name a new directory")
     config = json.loads((src / "config.json").read_text())
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                       mm_vision_select_layer=args.mm_vision_select_layer,
                       mm_vision_select_feature=args.mm_vision_select_feature, dtype=DTYPES[args.dtype],
                       blocksize=args.blocksize, double_quant=not args.no_double_quant)
-    except (FileNotFoundError, FileExistsError, ValueError) as error:
+    except (FileNotFoundError, FileExistsError, UserError) as error:
         print(f"python -m m2pt_fast.to_nf4: {error}", file=sys.stderr)
         return 2
     print(f"wrote {out}: train with --model_name_or_path {out} --quant nf4")

@@ -79,6 +79,7 @@ from m2pt_fast.data import (
     make_collate,
 )
 from m2pt_fast.ds_config import load_ds_config, offloads_optimizer, resolve_ds_config, zero_stage
+from m2pt_fast.errors import UserError
 from m2pt_fast.master_weights import fp32_master_values
 from m2pt_fast.methods import OUTPUT_NAMES, apply_method, check_method, save_output
 from m2pt_fast.reporting import MetricsReport, check_installed
@@ -150,7 +151,7 @@ class M2PTRecipe:
         try:
             import deepspeed
         except ImportError as e:
-            raise ValueError("the trainer runs on DeepSpeed, which is not installed: "
+            raise UserError("the trainer runs on DeepSpeed, which is not installed: "
                              "DS_BUILD_OPS=0 pip install deepspeed (bash setup.sh does it)") from e
         from deepspeed.utils import logger as deepspeed_logger
 
@@ -191,7 +192,7 @@ class M2PTRecipe:
         self.bf16 = cfg.bf16 if cfg.bf16 is not None else self.device.type == "cuda"
         self.quant = cfg.quant or ("bf16" if self.bf16 else "fp32")
         if self.quant == "bf16" and not self.bf16:
-            raise ValueError("--quant bf16 keeps the backbone in bf16, which needs bf16 compute: add --bf16 "
+            raise UserError("--quant bf16 keeps the backbone in bf16, which needs bf16 compute: add --bf16 "
                              "(the default on a GPU), or use --quant fp32 or --quant nf4")
         where = cfg.ds_config or "the built-in ZeRO-0 DeepSpeed config"
         resolved = dataclasses.replace(cfg, quant=self.quant)
@@ -344,7 +345,7 @@ class M2PTRecipe:
         found = newest_checkpoint(self.output_dir)
         if cfg.resume:
             if found is None:
-                raise ValueError(f"--resume: no complete checkpoint under {self.output_dir}/checkpoints; leave out "
+                raise UserError(f"--resume: no complete checkpoint under {self.output_dir}/checkpoints; leave out "
                                  "--resume to start a new run")
             self._resume(*self._intact_checkpoint())
         elif found is not None and finished_run(self.output_dir):
@@ -356,7 +357,7 @@ class M2PTRecipe:
                 shutil.rmtree(checkpoints_dir(self.output_dir))
             dist.barrier()
         elif found is not None:
-            raise ValueError(f"{self.output_dir} already holds checkpoints of an unfinished run: pass --resume to "
+            raise UserError(f"{self.output_dir} already holds checkpoints of an unfinished run: pass --resume to "
                              "continue it, or give another --output_dir")
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -387,7 +388,7 @@ class M2PTRecipe:
             damaged.append(f"{path}: " + "; ".join(problems))
             if self.rank == 0:
                 log.warning("checkpoint %s is damaged (%s): trying the one before it", path, "; ".join(problems))
-        raise ValueError("--resume: every checkpoint is damaged:\n  " + "\n  ".join(damaged)
+        raise UserError("--resume: every checkpoint is damaged:\n  " + "\n  ".join(damaged)
                          + "\nleave out --resume (and move the checkpoints away) to start a new run")
 
     def _run_signature(self) -> dict:
@@ -405,10 +406,10 @@ class M2PTRecipe:
         saved = client.get("signature", {})
         mismatched = {k: (saved.get(k), v) for k, v in self._run_signature().items() if saved.get(k) != v}
         if mismatched:
-            raise ValueError(f"{path} comes from a run with other settings ({{name: (saved, now)}}: {mismatched}); "
+            raise UserError(f"{path} comes from a run with other settings ({{name: (saved, now)}}: {mismatched}); "
                              "resume with the same options and number of processes")
         if step >= self.total_steps:
-            raise ValueError(f"{path} is at step {step} and this run has {self.total_steps} steps: it is done. Give "
+            raise UserError(f"{path} is at step {step} and this run has {self.total_steps} steps: it is done. Give "
                              "a larger --max_steps (or --num_train_epochs) to train it further")
         load_rng(path, self.rank, self.world_size)
         saved_total = client.get("total_steps", saved.get("total_steps"))
@@ -736,14 +737,14 @@ def _check_writable(output_dir: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise ValueError(f"--output_dir {output_dir} cannot be written ({e.strerror or e}): "
+        raise UserError(f"--output_dir {output_dir} cannot be written ({e.strerror or e}): "
                          "give a directory this user can write to") from e
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         config = parse_args(argv)
-    except ValueError as e:
+    except UserError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     lock = OutputDirLock(config.output_dir)
@@ -756,14 +757,14 @@ def main(argv: list[str] | None = None) -> int:
             if note:
                 print(f"train.py: {config.output_dir}: {note}", file=sys.stderr)
         watch_runner()  # a signal to the `deepspeed` command alone reaches no rank otherwise
-    except ValueError as e:
+    except UserError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     recipe = M2PTRecipe(config)
     try:
         recipe.setup()
         return recipe.train()
-    except ValueError as e:  # a bad option, file or data set: the message says the fix
+    except UserError as e:  # a bad option, file or data set: the message says the fix; a bug keeps its traceback
         log.error("%s", e)
         return 2
     finally:

@@ -16,6 +16,7 @@ from typing import Any
 from m2pt_fast import llava_original
 from m2pt_fast.data.conversation import TEMPLATES
 from m2pt_fast.data.image import ASPECT_RATIOS
+from m2pt_fast.errors import UserError
 from m2pt_fast.methods import (
     DEFAULT_LEARNING_RATES,
     LORA_TARGETS,
@@ -95,7 +96,7 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise ValueError(f"--method must be one of {METHODS}, got {self.method!r}")
+            raise UserError(f"--method must be one of {METHODS}, got {self.method!r}")
         vision, text = default_prompt_counts(self.method)
         self.num_vision_prompts = vision if self.num_vision_prompts is None else self.num_vision_prompts
         self.num_text_prompts = text if self.num_text_prompts is None else self.num_text_prompts
@@ -103,44 +104,44 @@ class TrainConfig:
                     "gradient_accumulation_steps", "save_total_limit", "lora_r")
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+                raise UserError(f"--{name} must be at least 1, got {getattr(self, name)}")
         for name in ("num_vision_prompts", "num_text_prompts", "dataloader_num_workers", "save_steps"):
             if getattr(self, name) < 0:
-                raise ValueError(f"--{name} must be 0 or more, got {getattr(self, name)}")
+                raise UserError(f"--{name} must be 0 or more, got {getattr(self, name)}")
         no_prompts = self.num_vision_prompts == 0 and self.num_text_prompts == 0
         if self.method in PROMPT_METHODS and no_prompts and not (self.tune_projector or self.tune_lm_head):
-            raise ValueError("nothing to train: give --num_vision_prompts/--num_text_prompts > 0 or --tune_projector")
+            raise UserError("nothing to train: give --num_vision_prompts/--num_text_prompts > 0 or --tune_projector")
         if self.max_steps == 0 or self.max_steps < -1:
-            raise ValueError(f"--max_steps must be a positive number of optimizer steps, or -1 to use "
+            raise UserError(f"--max_steps must be a positive number of optimizer steps, or -1 to use "
                              f"--num_train_epochs; got {self.max_steps}")
         if self.max_steps == -1 and not self.num_train_epochs > 0:
-            raise ValueError(f"--num_train_epochs must be > 0 (or give --max_steps), got {self.num_train_epochs}")
+            raise UserError(f"--num_train_epochs must be > 0 (or give --max_steps), got {self.num_train_epochs}")
         if self.learning_rate is None:
             self.learning_rate = EMBEDDED_LEARNING_RATE if self.embedded_model else DEFAULT_LEARNING_RATES[self.method]
         if not self.learning_rate > 0:
-            raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}")
+            raise UserError(f"--learning_rate must be > 0, got {self.learning_rate}")
         if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"--warmup_ratio is a fraction of the run in [0, 1), got {self.warmup_ratio}")
+            raise UserError(f"--warmup_ratio is a fraction of the run in [0, 1), got {self.warmup_ratio}")
         for name in ("learning_rate", "warmup_ratio", "weight_decay", "max_grad_norm", "num_train_epochs",
                      "lora_alpha", "lora_dropout"):
             if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"--{name} must be a finite number, got {getattr(self, name)}")
+                raise UserError(f"--{name} must be a finite number, got {getattr(self, name)}")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise ValueError("--weight_decay and --max_grad_norm must be >= 0 (--max_grad_norm 0 turns clipping off)")
+            raise UserError("--weight_decay and --max_grad_norm must be >= 0 (--max_grad_norm 0 turns clipping off)")
         if self.lr_scheduler_type not in SCHEDULERS:
-            raise ValueError(f"--lr_scheduler_type must be one of {SCHEDULERS}, got {self.lr_scheduler_type!r}")
+            raise UserError(f"--lr_scheduler_type must be one of {SCHEDULERS}, got {self.lr_scheduler_type!r}")
         if self.quant is not None and self.quant not in QUANTS:
-            raise ValueError(f"--quant must be one of {QUANTS}, got {self.quant!r}")
+            raise UserError(f"--quant must be one of {QUANTS}, got {self.quant!r}")
         if self.backend not in BACKENDS:
-            raise ValueError(f"--backend must be one of {BACKENDS}, got {self.backend!r}")
+            raise UserError(f"--backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.image_folder and not self.data_path:
-            raise ValueError("--image_folder is given without --data_path: give the LLaVA JSON file too")
+            raise UserError("--image_folder is given without --data_path: give the LLaVA JSON file too")
         if self.data_path and not Path(self.data_path).is_file():
-            raise ValueError(f"--data_path {self.data_path} is not a file: give the LLaVA conversation JSON")
+            raise UserError(f"--data_path {self.data_path} is not a file: give the LLaVA conversation JSON")
         if self.image_folder and not Path(self.image_folder).is_dir():
-            raise ValueError(f"--image_folder {self.image_folder} is not a directory")
+            raise UserError(f"--image_folder {self.image_folder} is not a directory")
         if self.model_name_or_path and not Path(self.model_name_or_path).is_dir():
-            raise ValueError(
+            raise UserError(
                 f"--model_name_or_path {self.model_name_or_path} is not a local directory (nothing is downloaded): "
                 "save the model and its tokenizer and image processor there first, or leave it out for the "
                 "embedded tiny LLaVA"
@@ -148,41 +149,41 @@ class TrainConfig:
         for name in ("vision_tower", "pretrain_mm_mlp_adapter"):
             value = getattr(self, name)
             if value and not (Path(value).is_dir() if name == "vision_tower" else Path(value).is_file()):
-                raise ValueError(f"--{name} {value} is not a local {'directory' if name == 'vision_tower' else 'file'}"
+                raise UserError(f"--{name} {value} is not a local {'directory' if name == 'vision_tower' else 'file'}"
                                  " (nothing is downloaded)")
         if self.version not in TEMPLATES:
-            raise ValueError(f"--version must be one of {sorted(TEMPLATES)} (LLaVA's conversation templates), "
+            raise UserError(f"--version must be one of {sorted(TEMPLATES)} (LLaVA's conversation templates), "
                              f"got {self.version!r}")
         if self.image_aspect_ratio not in (None, *ASPECT_RATIOS):
-            raise ValueError(f"--image_aspect_ratio must be one of {ASPECT_RATIOS}, got {self.image_aspect_ratio!r}")
+            raise UserError(f"--image_aspect_ratio must be one of {ASPECT_RATIOS}, got {self.image_aspect_ratio!r}")
         if self.mm_vision_select_feature not in (None, "patch", "cls_patch"):
-            raise ValueError("--mm_vision_select_feature must be patch or cls_patch, "
+            raise UserError("--mm_vision_select_feature must be patch or cls_patch, "
                              f"got {self.mm_vision_select_feature!r}")
         if self.model_name_or_path:
             if not (Path(self.model_name_or_path) / "config.json").is_file():
-                raise ValueError(f"--model_name_or_path {self.model_name_or_path} has no config.json (the model's "
+                raise UserError(f"--model_name_or_path {self.model_name_or_path} has no config.json (the model's "
                                  "config): save the model, tokenizer and processor there with save_pretrained")
             if not (Path(self.processor_dir) / "preprocessor_config.json").is_file():
-                raise ValueError(f"{self.processor_dir} has no preprocessor_config.json (the image processor the "
+                raise UserError(f"{self.processor_dir} has no preprocessor_config.json (the image processor the "
                                  "vision tower was trained with): save it there with save_pretrained"
                                  + ("" if self.llava_source == "original" else
                                     " (or, for LLaVA's own layout, pass --vision_tower)"))
         if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
-            raise ValueError(f"--output_dir {self.output_dir} is a file, not a directory: give a directory")
+            raise UserError(f"--output_dir {self.output_dir} is a file, not a directory: give a directory")
         if self.quant == "nf4" and self.tune_lm_head:
-            raise ValueError("--tune_lm_head with --quant nf4: a 4-bit lm_head cannot be trained; use --quant bf16")
+            raise UserError("--tune_lm_head with --quant nf4: a 4-bit lm_head cannot be trained; use --quant bf16")
         if not 0.0 <= self.lora_dropout < 1.0 or not self.lora_alpha > 0:
-            raise ValueError(f"--lora_dropout must be in [0, 1) and --lora_alpha > 0, got {self.lora_dropout}, "
+            raise UserError(f"--lora_dropout must be in [0, 1) and --lora_alpha > 0, got {self.lora_dropout}, "
                              f"{self.lora_alpha}")
         unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
         if not self.lora_targets or unknown:
-            raise ValueError(f"--lora_target_modules: {unknown or 'none given'}; the decoder's linear layers are "
+            raise UserError(f"--lora_target_modules: {unknown or 'none given'}; the decoder's linear layers are "
                              f"{','.join(LORA_TARGETS)} (comma-separated)")
         self.report_to = ",".join(parse_report_to(self.report_to)) or "none"
         check_method(self.method, self.num_vision_prompts, self.num_text_prompts, quant=self.quant,
                      tune_lm_head=self.tune_lm_head)
         if self.ds_config and not Path(self.ds_config).is_file():
-            raise ValueError(f"--ds_config {self.ds_config} does not exist "
+            raise UserError(f"--ds_config {self.ds_config} does not exist "
                              "(configs/ has zero0..zero3 and offload variants)")
 
     @property
@@ -323,11 +324,11 @@ def _check_yaml_values(path: str, values: Any) -> dict[str, Any]:
     if values is None:
         return {}
     if not isinstance(values, dict):
-        raise ValueError(f"{path}: a recipe is a mapping of option names to values")
+        raise UserError(f"{path}: a recipe is a mapping of option names to values")
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"{path}: unknown option(s) {unknown}; valid keys are the --options of train.py: "
+        raise UserError(f"{path}: unknown option(s) {unknown}; valid keys are the --options of train.py: "
                          f"{sorted(known)}")
     return values
 
@@ -341,7 +342,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         import yaml
 
         if not Path(recipe).is_file():
-            raise ValueError(f"--config {recipe} does not exist")
+            raise UserError(f"--config {recipe} does not exist")
         values.update(_check_yaml_values(recipe, yaml.safe_load(Path(recipe).read_text())))
     values.update(given)
     return TrainConfig(**values)

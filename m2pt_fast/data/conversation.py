@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from m2pt_fast.errors import UserError
+
 IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
 SYSTEM_PROMPT = (
@@ -39,7 +41,7 @@ HUMAN_ROLES = ("human", "user")
 ASSISTANT_ROLES = ("gpt", "assistant")
 
 
-class BadRecord(ValueError):
+class BadRecord(UserError):
     """A data record that cannot be trained on; the message says what is wrong with it."""
 
 
@@ -61,9 +63,9 @@ class ConversationEncoder:
     def __init__(self, tokenizer, image_token_id: int, image_seq_length: int, max_length: int,
                  version: str = "v1"):
         if version not in TEMPLATES:
-            raise ValueError(f"--version must be one of {sorted(TEMPLATES)} (LLaVA's templates), got {version!r}")
+            raise UserError(f"--version must be one of {sorted(TEMPLATES)} (LLaVA's templates), got {version!r}")
         if tokenizer.eos_token_id is None and version != "plain":
-            raise ValueError("the tokenizer has no eos_token: the Vicuna v1 template ends answers with </s>")
+            raise UserError("the tokenizer has no eos_token: the Vicuna v1 template ends answers with </s>")
         self.version = version
         self.system = TEMPLATES[version]
         self.tokenizer = tokenizer

@@ -7,6 +7,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from m2pt_fast.errors import MissingInput, UserError
+
 # CLIP's normalisation (openai/clip-vit-*): what LLaVA's vision tower was trained with.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -52,7 +54,7 @@ class ImagePreprocessor:
 
     def __init__(self, processor, image_size: int, aspect_ratio: str = "crop"):
         if aspect_ratio not in ASPECT_RATIOS:
-            raise ValueError(f"--image_aspect_ratio must be one of {ASPECT_RATIOS}, got {aspect_ratio!r}")
+            raise UserError(f"--image_aspect_ratio must be one of {ASPECT_RATIOS}, got {aspect_ratio!r}")
         self.processor = processor
         self.image_size = image_size
         self.aspect_ratio = aspect_ratio
@@ -75,7 +77,7 @@ class ImagePreprocessor:
 
         config = Path(model_dir) / "preprocessor_config.json"
         if not config.is_file():
-            raise FileNotFoundError(
+            raise MissingInput(
                 f"{config} not found: the model directory must carry its image processor config "
                 "(save it with processor.save_pretrained(dir) next to the model)"
             )
@@ -87,7 +89,7 @@ class ImagePreprocessor:
             image = pad_to_square(image, self.processor.image_mean)
         pixels = self.processor(images=image, return_tensors="pt").pixel_values[0]
         if pixels.shape != (3, self.image_size, self.image_size):
-            raise ValueError(
+            raise UserError(
                 f"the image processor gives {tuple(pixels.shape)} but the vision tower expects "
                 f"(3, {self.image_size}, {self.image_size}): fix crop_size in preprocessor_config.json"
             )

@@ -22,6 +22,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from m2pt_fast.errors import MissingInput, UserError
+
 from .conversation import IGNORE_INDEX, BadRecord, ConversationEncoder
 from .image import ImagePreprocessor
 from .synthetic import synthetic_record
@@ -75,16 +77,16 @@ def load_llava_records(
     """
     data_path = Path(data_path)
     if not data_path.is_file():
-        raise FileNotFoundError(f"--data_path {data_path} does not exist")
+        raise MissingInput(f"--data_path {data_path} does not exist")
     try:
         entries = json.loads(data_path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
-        raise ValueError(f"--data_path {data_path} is not UTF-8 text (byte {e.start}: {e.reason}): JSON files are "
+        raise UserError(f"--data_path {data_path} is not UTF-8 text (byte {e.start}: {e.reason}): JSON files are "
                          "UTF-8; convert it, e.g. iconv -f latin1 -t utf-8") from e
     except json.JSONDecodeError as e:
-        raise ValueError(f"--data_path {data_path} is not valid JSON ({e}); expected a list of LLaVA records") from e
+        raise UserError(f"--data_path {data_path} is not valid JSON ({e}); expected a list of LLaVA records") from e
     if not isinstance(entries, list):
-        raise ValueError(f"--data_path {data_path} holds a {type(entries).__name__}; expected a list of LLaVA records")
+        raise UserError(f"--data_path {data_path} holds a {type(entries).__name__}; expected a list of LLaVA records")
     folder = Path(image_folder) if image_folder else data_path.parent
 
     records, report = [], SkipReport()
@@ -110,7 +112,7 @@ def load_llava_records(
             report.total, len(entries), data_path, dict(report.counts), "\n  ".join(report.examples),
         )
     if not records:
-        raise ValueError(
+        raise UserError(
             f"no usable record in {data_path} ({len(entries)} entries, {dict(report.counts)}): "
             "check --data_path and --image_folder"
         )
@@ -154,7 +156,7 @@ def check_images_decode(records: list[dict[str, Any]], build: SampleBuilder,
         except Exception as e:  # PIL raises many types for undecodable data
             failures.append(f"{records[i]['image']}: {type(e).__name__}: {e}")
     if picks and len(failures) == len(picks):
-        raise ValueError(f"none of the {len(picks)} images checked before training decodes (e.g. {failures[0]}): "
+        raise UserError(f"none of the {len(picks)} images checked before training decodes (e.g. {failures[0]}): "
                          "the image files are broken or not images; check --image_folder")
     return len(failures)
 

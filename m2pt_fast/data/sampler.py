@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Sampler
 
+from m2pt_fast.errors import UserError
+
 
 class EpochShardSampler(Sampler[int]):
     """This rank's share of a permutation of range(size) seeded by (seed, epoch).
@@ -21,7 +23,7 @@ class EpochShardSampler(Sampler[int]):
         self.batches_per_epoch = per_rank_batches // accumulation * accumulation
         if self.batches_per_epoch == 0:
             need = num_replicas * batch_size * accumulation
-            raise ValueError(
+            raise UserError(
                 f"the data set has {size} usable samples but one optimizer step needs {need} "
                 f"({num_replicas} processes x {batch_size} per device x {accumulation} accumulation steps): "
                 "add data or lower --per_device_train_batch_size / --gradient_accumulation_steps"
