@@ -114,12 +114,12 @@ def _check_computable(module, keys: int, kwargs: dict) -> None:
     for sink in ("s_aux", "sinks"):
         if kwargs.get(sink) is not None:
             raise UserError(f"{name} adds attention sinks ({sink}), which the fused backend does not compute; "
-                             "use backend='reference'")
+                            "use backend='reference'")
     window = kwargs.get("sliding_window")
     if window is not None and keys > window:
         raise UserError(f"{name} attends within a sliding window of {window} positions and this forward has "
-                         f"{keys} keys (prompt rows included): the fused backend attends to all of them. Use "
-                         "backend='reference', or sequences of at most the window")
+                        f"{keys} keys (prompt rows included): the fused backend attends to all of them. Use "
+                        "backend='reference', or sequences of at most the window")
 
 
 def _m2pt_mask(*args, config=None, **kwargs):
@@ -144,12 +144,12 @@ def route_attention(model: nn.Module) -> None:
         capped = [name for name in ("attn_logit_softcapping", "final_logit_softcapping") if getattr(config, name, None)]
         if capped:
             raise UserError(f"{type(config).__name__} caps logits ({', '.join(capped)}, as Gemma 2 does), which "
-                             "m2pt_fast's backends do not compute: this model is not supported")
+                            "m2pt_fast's backends do not compute: this model is not supported")
         current = config._attn_implementation or "eager"  # None: get_interface's default, the eager path
         if current != NAME:
             if current not in ALL_MASK_ATTENTION_FUNCTIONS:
                 raise UserError(f"{type(module).__name__} uses attention {current!r}, which m2pt_fast cannot wrap; "
-                                 "load the model with attn_implementation='sdpa' or 'eager'")
+                                "load the model with attn_implementation='sdpa' or 'eager'")
             setattr(config, _INNER, current)
             config._attn_implementation = NAME
 

@@ -160,7 +160,7 @@ def load_llava_questions(path: Path, image_folder: Path | None, report: LoadRepo
     by the file's stem; a record's category is kept; an answer (ANSWER_FIELDS) makes it scorable."""
     if path.stem in BENCHMARKS or path.stem.startswith(("pope_", "synthetic_")):
         raise UserError(f"{path}: a question file named like the built-in benchmark {path.stem!r} would be scored "
-                         "as that one; rename the file")
+                        "as that one; rename the file")
     images = image_folder or path.parent
     questions = []
     for row in _json_lines(path, report, path.name):

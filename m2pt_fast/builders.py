@@ -6,12 +6,10 @@ through host memory), or not at all on the `meta` device.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 
 import torch
-from torch import nn
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -23,17 +21,7 @@ from transformers import (
 
 from m2pt_fast import compat
 from m2pt_fast.errors import MissingInput, UserError
-
-
-class LinearProjector(nn.Module):
-    """The single linear interaction layer of the original LLaVA (v1), which transformers' Llava lacks."""
-
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__()
-        self.linear = nn.Linear(in_features, out_features)
-
-    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
-        return self.linear(image_features)
+from m2pt_fast.layers import LinearProjector, default_dtype
 
 
 def _clip_vit_l14(image_size: int) -> CLIPVisionConfig:
@@ -145,16 +133,6 @@ def llava_config(name: str) -> LlavaConfig:
     return NAMED_CONFIGS[name]()
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
 def build_llava(
     name_or_config: str | LlavaConfig = "tiny",
     *,
@@ -189,7 +167,7 @@ def build_llava(
     config._attn_implementation = attn_implementation
     if seed is not None:
         torch.manual_seed(seed)
-    with torch.device(device), _default_dtype(dtype):
+    with torch.device(device), default_dtype(dtype):
         model = LlavaForConditionalGeneration(config)
         if getattr(config, "m2pt_linear_projector", False):
             in_features = config.vision_config.hidden_size
@@ -223,14 +201,13 @@ def load_llava(
     path = Path(path)
     if not path.is_dir():
         raise MissingInput(f"model directory {str(path)!r} does not exist (local directories only; "
-                                "nothing is downloaded)")
+                           "nothing is downloaded)")
     if not (path / "config.json").is_file():
         raise MissingInput(f"{str(path)!r} has no config.json: is it a transformers model directory?")
     from m2pt_fast import llava_original
 
     config = json.loads((path / "config.json").read_text())
-    if llava_original.is_original_layout(config) or pretrain_mm_mlp_adapter is not None or (
-            llava_original.is_plain_llama(config)):
+    if llava_original.checkpoint_layout(config, pretrain_mm_mlp_adapter) == "original":
         model = llava_original.load_original(
             path, vision_tower=vision_tower, pretrain_mm_mlp_adapter=pretrain_mm_mlp_adapter,
             mm_vision_select_layer=mm_vision_select_layer, mm_vision_select_feature=mm_vision_select_feature,

@@ -214,10 +214,10 @@ class OutputDirLock:
                 holder = self._holder()
                 if holder and holder.get("host") == me["host"] and _alive(holder.get("pid")):
                     raise UserError(f"{self.path.parent} is in use by a live run (PID {holder['pid']}); "
-                                     "wait for it to end or stop it, or give another --output_dir") from None
+                                    "wait for it to end or stop it, or give another --output_dir") from None
                 if holder and holder.get("host") != me["host"]:
                     raise UserError(f"{self.path.parent} is locked by a run on host {holder.get('host')} "
-                                     f"(PID {holder.get('pid')}); if that run is gone, delete {self.path}") from None
+                                    f"(PID {holder.get('pid')}); if that run is gone, delete {self.path}") from None
                 note = f"took over the lock of a run that is gone ({holder or 'unreadable lock file'})"
                 self.path.unlink(missing_ok=True)
                 continue

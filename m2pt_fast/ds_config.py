@@ -33,7 +33,7 @@ def load_ds_config(path: str | None) -> dict[str, Any]:
         raise UserError(f"--ds_config {path} is not valid JSON: {e}") from e
     if not isinstance(ds, dict):
         raise UserError(f"--ds_config {path} holds a JSON {type(ds).__name__}; a DeepSpeed config is an object "
-                         "({\"zero_optimization\": {\"stage\": 2}, ...}, as in configs/)")
+                        "({\"zero_optimization\": {\"stage\": 2}, ...}, as in configs/)")
     zero = ds.get("zero_optimization", {})
     if not isinstance(zero, dict):
         raise UserError(f"--ds_config {path}: zero_optimization must be an object, got {zero!r}")
@@ -77,7 +77,7 @@ def resolve_ds_config(ds: dict[str, Any], config: TrainConfig, world_size: int, 
             )
     if ds.get("fp16", {}).get("enabled") is True:
         raise UserError(f"{where} enables fp16: M²PT trains in bf16 (GPU) or fp32; "
-                         "set \"bf16\": {\"enabled\": \"auto\"} instead")
+                        "set \"bf16\": {\"enabled\": \"auto\"} instead")
     ds.setdefault("fp16", {})["enabled"] = False
 
     micro, accumulation = config.per_device_train_batch_size, config.gradient_accumulation_steps

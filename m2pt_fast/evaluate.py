@@ -84,7 +84,7 @@ def _config(args) -> tuple[TrainConfig, dict]:
         values["output_dir"] = args.run_dir
         if values.get("data_path") and not Path(values["data_path"]).is_file():
             raise UserError(f"the run trained on --data_path {values['data_path']}, which is gone: the embedded "
-                             "model's vocabulary (so its weights) is built from it")
+                            "model's vocabulary (so its weights) is built from it")
     for name in ("model_name_or_path", "vision_tower", "pretrain_mm_mlp_adapter"):
         if getattr(args, name):
             values[name] = getattr(args, name)
@@ -236,7 +236,7 @@ def evaluate(args) -> dict:
     judge = args.judge_model_name_or_path
     if judge and not (Path(judge) / "config.json").is_file():  # before any question is answered
         raise UserError(f"--judge_model_name_or_path {judge}: no config.json there (a local causal LM directory, "
-                         "e.g. vicuna-13b-v1.5; nothing is downloaded)")
+                        "e.g. vicuna-13b-v1.5; nothing is downloaded)")
     rank, world, device = _distributed()
     try:
         return _evaluate(args, rank, world, device)

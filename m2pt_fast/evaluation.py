@@ -62,7 +62,7 @@ def mme_scores(rows: Iterable[Mapping]) -> dict:
     unknown = sorted(set(subtasks) - set(MME_PERCEPTION) - set(MME_COGNITION))
     if unknown:
         raise UserError(f"MME subtasks {unknown} are not among the 14 "
-                         f"({', '.join(MME_PERCEPTION + MME_COGNITION)})")
+                        f"({', '.join(MME_PERCEPTION + MME_COGNITION)})")
     return {"perception": perception, "cognition": cognition, "total": perception + cognition,
             "subtasks": subtasks}
 

@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from m2pt_fast.errors import UserError
+from m2pt_fast.labels import IGNORE_INDEX
 
 from .attention import PrefixContext, prefix_kv, run_layer
 from .compat import Cache, new_cache
 
-IGNORE_INDEX = -100
 # The loss turns hidden states into logits a chunk of rows at a time, each chunk's fp32 logits about
 # LOSS_CHUNK_BYTES (2,093 rows at LLaMA's 32k vocabulary, 441 at Qwen's 152k): what a chunk holds in
 # forward and backward (bf16 and fp32 logits, log-softmax, their gradient) stays near 4 × that.

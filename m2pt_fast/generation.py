@@ -47,7 +47,7 @@ def generate(model, input_ids: torch.Tensor, pixel_values: torch.Tensor | None =
         attention_mask = torch.ones_like(input_ids)
     if attention_mask.shape != input_ids.shape:
         raise UserError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
-                         f"got {tuple(attention_mask.shape)}")
+                        f"got {tuple(attention_mask.shape)}")
     _check_left_padded(attention_mask)
     if max_new_tokens == 0:
         return input_ids

@@ -48,7 +48,7 @@ class Judge:
 
         if not (Path(path) / "config.json").is_file():
             raise UserError(f"--judge_model_name_or_path {path}: no config.json there (a local causal LM "
-                             "directory, e.g. vicuna-13b-v1.5; nothing is downloaded)")
+                            "directory, e.g. vicuna-13b-v1.5; nothing is downloaded)")
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.unk_token or self.tokenizer.eos_token

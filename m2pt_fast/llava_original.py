@@ -42,9 +42,9 @@ import torch
 from torch import nn
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from m2pt_fast.builders import LinearProjector, _default_dtype
 from m2pt_fast.compat import no_init_weights
 from m2pt_fast.errors import UserError
+from m2pt_fast.layers import LinearProjector, default_dtype
 
 SELECT_FEATURES = {"patch": "default", "cls_patch": "full"}
 PROJECTOR_TYPES = ("linear", "mlp2x_gelu")
@@ -66,6 +66,14 @@ def is_original_layout(config: dict) -> bool:
 
 def is_plain_llama(config: dict) -> bool:
     return config.get("model_type") == "llama" and not is_original_layout(config)
+
+
+def checkpoint_layout(config: dict, pretrain_mm_mlp_adapter: object = None) -> str:
+    """How a model directory with this config.json loads, the one place that decides it: "original" for
+    LLaVA's own layout, or a plain LLaMA that LLaVA's stage-1 projector assembles into one (the paper's),
+    read by `load_original`; "transformers" for a transformers LLaVA directory."""
+    assembled = pretrain_mm_mlp_adapter is not None or is_plain_llama(config)
+    return "original" if is_original_layout(config) or assembled else "transformers"
 
 
 # ------------------------------------------------------------------------------------------ files
@@ -275,7 +283,7 @@ def load_original(
     llava_config.m2pt_lm_head_rows = vocab  # saved with the config: m2pt_fast.quantize rebuilds this layout
     dtype = dtype or torch.float32
     llava_config._attn_implementation = "sdpa"
-    with torch.device(device), _default_dtype(dtype), no_init_weights():
+    with torch.device(device), default_dtype(dtype), no_init_weights():
         model = LlavaForConditionalGeneration(llava_config)
         if kind == "linear":
             model.model.multi_modal_projector = LinearProjector(vision.hidden_size, text_width)

@@ -67,23 +67,23 @@ def check_method(method: str, num_vision_prompts: int, num_text_prompts: int, *,
         raise UserError(f"--method must be one of {METHODS}, got {method!r}")
     if method == "vpt" and num_text_prompts:
         raise UserError(f"--method vpt tunes visual prompts only: drop --num_text_prompts {num_text_prompts} "
-                         "(or use --method m2pt)")
+                        "(or use --method m2pt)")
     if method == "text_pt" and num_vision_prompts:
         raise UserError(f"--method text_pt tunes textual prompts only: drop --num_vision_prompts "
-                         f"{num_vision_prompts} (or use --method m2pt)")
+                        f"{num_vision_prompts} (or use --method m2pt)")
     if method in PROMPT_METHODS and not (num_vision_prompts or num_text_prompts):
         return  # the projector alone: M²PT's "no prompts" ablation (TrainConfig checks something trains)
     if method in ("lora", "full"):
         if num_vision_prompts or num_text_prompts:
             raise UserError(f"--method {method} trains no prompts: drop --num_vision_prompts/--num_text_prompts "
-                             "(prompts with LoRA are not one of the paper's methods)")
+                            "(prompts with LoRA are not one of the paper's methods)")
         if tune_lm_head:
             raise UserError(f"--tune_lm_head with --method {method}: "
-                             + ("full fine-tuning trains lm_head already" if method == "full"
+                            + ("full fine-tuning trains lm_head already" if method == "full"
                                 else "LoRA here adapts the decoder's linear layers; use --method full"))
     if method == "full" and quant == "nf4":
         raise UserError("--method full cannot train a 4-bit backbone: use --quant bf16 (with --bf16) and ZeRO-3 "
-                         "(--ds_config configs/zero3.json) to fit, or --method lora for QLoRA")
+                        "(--ds_config configs/zero3.json) to fit, or --method lora for QLoRA")
 
 
 def lora_config(settings: LoraSettings, tune_projector: bool):
@@ -146,6 +146,8 @@ def apply_method(llava, method: str, *, num_vision_prompts: int = 0, num_text_pr
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """What a method trains, once apply_method has set requires_grad: the optimizer's parameters, the fp32
+    masters the outputs are written from, the checkpoint's size estimate."""
     return [p for p in model.parameters() if p.requires_grad]
 
 

@@ -121,7 +121,7 @@ def _official_feature_layer(llava: LlavaForConditionalGeneration, indices: list[
     layers = llava.config.vision_config.num_hidden_layers
     if len(indices) != 1 or not 0 <= indices[0] < layers:
         raise UserError(f"official_vision_features reads one vision layer's input with its prompts: it needs a "
-                         f"single vision_feature_layer before the last layer's output, got {indices}")
+                        f"single vision_feature_layer before the last layer's output, got {indices}")
     return indices[0]
 
 

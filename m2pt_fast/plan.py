@@ -39,6 +39,7 @@ import torch
 
 from m2pt_fast import memory
 from m2pt_fast.errors import MissingInput, UserError
+from m2pt_fast.labels import IGNORE_INDEX
 
 GIB = 2**30
 # fp32 master 4 + fp32 gradient 4 + fp32 Adam states 8, less the bf16 states the count has (4)
@@ -88,16 +89,16 @@ def _llava_config(request: PlanRequest):
     config_file = path / "config.json"
     if not config_file.is_file():
         raise MissingInput(f"{str(path)!r} has no config.json (a transformers LLaVA directory; "
-                                "nothing is downloaded)")
+                           "nothing is downloaded)")
     config = json.loads(config_file.read_text())
     from m2pt_fast import llava_original
 
-    if llava_original.is_original_layout(config):
-        raise UserError(f"{config_file}: LLaVA's own layout; pick the --shape it has, or write it as an NF4 "
-                         "directory (python -m m2pt_fast.to_nf4) and plan that")
+    if llava_original.checkpoint_layout(config) == "original":
+        raise UserError(f"{config_file}: LLaVA's own layout (or a LLaMA to assemble into one); pick the --shape "
+                        "it has, or write it as an NF4 directory (python -m m2pt_fast.to_nf4) and plan that")
     if config.get("model_type") != "llava":
         raise UserError(f"{config_file}: model_type {config.get('model_type')!r}; the planner reads transformers' "
-                         "LLaVA configs (model_type 'llava'); for LLaVA's own layout pick the --shape it has")
+                        "LLaVA configs (model_type 'llava'); for LLaVA's own layout pick the --shape it has")
     from transformers import LlavaConfig
 
     return LlavaConfig.from_dict({k: v for k, v in config.items() if k != "quantization_config"}), path.name
@@ -141,7 +142,7 @@ def _batch_maker(model, model_max_length: int, answer_tokens: int | None, micro_
     text = model_max_length - 1 - image
     if text < 1:
         raise UserError(f"--model_max_length {model_max_length} leaves no text after BOS and the image's "
-                         f"{image} tokens")
+                        f"{image} tokens")
     answer = text if answer_tokens is None else min(answer_tokens, text)
     vocab = model.llava.config.text_config.vocab_size
 
@@ -150,7 +151,7 @@ def _batch_maker(model, model_max_length: int, answer_tokens: int | None, micro_
                          torch.full((micro_batch, image), model.image_token_id),
                          torch.randint(2, min(vocab, model.image_token_id), (micro_batch, text),
                                        generator=torch.Generator().manual_seed(0))], dim=1)
-        labels = torch.full_like(ids, -100)
+        labels = torch.full_like(ids, IGNORE_INDEX)
         labels[:, -answer:] = ids[:, -answer:]
         meta = torch.device("meta")
         dtype = model.llava.lm_head.weight.dtype  # never quantized: the dense dtype
@@ -189,14 +190,14 @@ def data_lengths(request: PlanRequest, model, progress: bool = False) -> dict:
 
     if request.model_name_or_path is None:
         raise UserError("--data_path needs --model_name_or_path: the model directory's tokenizer measures the "
-                         "samples")
+                        "samples")
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(request.model_name_or_path, local_files_only=True)
     except (OSError, ValueError) as error:
         raise UserError(f"{request.model_name_or_path} has no tokenizer to measure --data_path with "
-                         f"({error})") from error
+                        f"({error})") from error
     encoder = ConversationEncoder(tokenizer, model.image_token_id, model.image_seq_length, request.model_max_length,
                                   version=request.version)
     records, _ = load_llava_records(request.data_path, request.image_folder, encoder, progress=progress)

@@ -59,7 +59,7 @@ class QuantizeConfig:
         self.targets, self.skip = tuple(self.targets), tuple(self.skip)
         if not self.targets:
             raise UserError("QuantizeConfig.targets is empty: nothing would be quantized; "
-                             "e.g. targets=('vision_tower', 'language_model')")
+                            "e.g. targets=('vision_tower', 'language_model')")
 
     def wants(self, name: str) -> bool:
         return any(t in name for t in self.targets) and not any(s in name for s in self.skip)
@@ -126,7 +126,7 @@ class NF4Linear(nn.Module):
     def set_nf4(self, q: NF4Weight) -> None:
         if tuple(q.shape) != (self.out_features, self.in_features) or q.double_quant != self.double_quant:
             raise UserError(f"NF4 weight {q} does not fit NF4Linear({self.in_features}, {self.out_features}, "
-                             f"double_quant={self.double_quant})")
+                            f"double_quant={self.double_quant})")
         self.blocksize, self.weight_dtype = q.blocksize, q.dtype
         self.weight_packed, self.weight_absmax = q.packed, q.absmax
         if q.double_quant:
@@ -203,7 +203,7 @@ def quantize_model(model: nn.Module, config: QuantizeConfig | None = None, **ove
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and config.wants(n)]
     if not names:
         raise UserError(f"quantize_model found no nn.Linear whose name contains one of {config.targets} "
-                         f"(and none of {config.skip}); is this a LLaVA, or already quantized?")
+                        f"(and none of {config.skip}); is this a LLaVA, or already quantized?")
     for name in names:
         linear = model.get_submodule(name)
         _set_submodule(model, name, NF4Linear.from_linear(linear, config.blocksize, config.double_quant))
@@ -245,13 +245,13 @@ def _empty_model(config_dict: dict, class_name: str | None = None) -> nn.Module:
     cls = getattr(transformers, name, None) if name else None
     if cls is None:
         raise UserError(f"cannot tell which model class to build (architectures={config_dict.get('architectures')}); "
-                         "pass model_class='LlavaForConditionalGeneration'")
+                        "pass model_class='LlavaForConditionalGeneration'")
     with _parameters_on_meta():
         model = cls(config)
         # LLaVA's own layout, loaded through m2pt_fast.llava_original and saved here: a linear projector,
         # and an lm_head that keeps the original vocabulary's rows (the image token's row is input only)
         if getattr(config, "m2pt_linear_projector", False):
-            from .builders import LinearProjector
+            from .layers import LinearProjector
 
             model.model.multi_modal_projector = LinearProjector(config.vision_config.hidden_size,
                                                                 config.text_config.hidden_size)
@@ -321,7 +321,7 @@ def _open_safetensors(path: Path):
         return safe_open(str(path), framework="pt", device="cpu")
     except Exception as exc:  # safetensors raises its own error types for a truncated/corrupt header
         raise UserError(f"cannot read {path}: {exc} (truncated or corrupt checkpoint? re-download or re-save "
-                         f"it)") from exc
+                        f"it)") from exc
 
 
 def _shards(directory: Path) -> list:
@@ -334,7 +334,7 @@ def _shards(directory: Path) -> list:
     if (directory / "model.safetensors").is_file():
         return [directory / "model.safetensors"]
     raise MissingInput(f"no safetensors checkpoint in {directory} (expected {WEIGHTS_FILE}, model.safetensors "
-                            "or model.safetensors.index.json)")
+                       "or model.safetensors.index.json)")
 
 
 def _read_tensors(path: Path) -> Iterator[tuple]:
@@ -345,7 +345,7 @@ def _read_tensors(path: Path) -> Iterator[tuple]:
                 yield key, f.get_tensor(key)
             except Exception as exc:
                 raise UserError(f"cannot read tensor {key!r} from {path}: {exc} (truncated or corrupt "
-                                 f"checkpoint?)") from exc
+                                f"checkpoint?)") from exc
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -355,7 +355,7 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
         old = module._parameters[leaf]
         if old is not None and old.shape != tensor.shape:
             raise UserError(f"checkpoint tensor {name} has shape {tuple(tensor.shape)}, the model expects "
-                             f"{tuple(old.shape)}")
+                            f"{tuple(old.shape)}")
         module._parameters[leaf] = nn.Parameter(tensor, requires_grad=old.requires_grad if old is not None else False)
     elif leaf in module._buffers:
         module._buffers[leaf] = tensor
@@ -369,7 +369,7 @@ def _check_complete(model: nn.Module, source) -> None:
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise UserError(f"checkpoint {source} is incomplete: no values for {shown} (truncated download or wrong "
-                         f"model?)")
+                        f"model?)")
 
 
 def _nf4_layer(model: nn.Module, name: str, spec: dict) -> NF4Linear:
@@ -401,7 +401,7 @@ def load_quantized(directory, config: QuantizeConfig | None = None, *, model_cla
         if qc.get("quant_method") == "bitsandbytes" and (qc.get("load_in_4bit") or qc.get("_load_in_4bit")):
             if qc.get("bnb_4bit_quant_type", "fp4") != "nf4":
                 raise UserError(f"{directory} is a bitsandbytes {qc.get('bnb_4bit_quant_type')} checkpoint; only "
-                                 f"nf4 loads")
+                                f"nf4 loads")
             model = _load_bnb(shards, config_dict, model_class)
         elif qc:
             raise UserError(f"{directory}: quantization_config {qc.get('quant_method')!r} is not supported")
@@ -427,7 +427,7 @@ def _load_ours(path: Path, config_dict: dict, model_class: str | None) -> nn.Mod
         raise UserError(f"{path} is not an {FORMAT_NAME} file (metadata format={meta.get('format')!r})")
     if int(meta.get("format_version", 0)) > FORMAT_VERSION:
         raise UserError(f"{path} uses {FORMAT_NAME} version {meta['format_version']}; this m2pt-fast reads up to "
-                         f"{FORMAT_VERSION}: upgrade m2pt-fast")
+                        f"{FORMAT_VERSION}: upgrade m2pt-fast")
     model = _empty_model(config_dict, model_class or meta.get("model_class"))
     for name, spec in json.loads(meta["nf4_layers"]).items():
         _nf4_layer(model, name, spec)
@@ -467,7 +467,7 @@ def _load_bnb(shards: list, config_dict: dict, model_class: str | None) -> nn.Mo
     for layer, tensors in pending.items():
         if "weight.quant_state.bitsandbytes__nf4" not in tensors:
             raise UserError(f"bitsandbytes checkpoint: {layer}.weight is stored as uint8 but has no "
-                             "quant_state.bitsandbytes__nf4 entry (fp4, 8-bit or truncated checkpoint?)")
+                            "quant_state.bitsandbytes__nf4 entry (fp4, 8-bit or truncated checkpoint?)")
         q = NF4Weight.from_bnb_state_dict(tensors, "weight")
         linear = linears[layer]
         nf4 = NF4Linear(q.shape[1], q.shape[0], linear.bias is not None, blocksize=q.blocksize,

@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from m2pt_fast.errors import UserError
+from m2pt_fast.labels import IGNORE_INDEX
 
 from .compat import cache_kwargs, causal_mask, layer_types, new_cache
-
-IGNORE_INDEX = -100
 
 
 def _with_prompts(hidden: torch.Tensor, prompts: torch.Tensor, replace: bool) -> torch.Tensor:

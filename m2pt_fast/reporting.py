@@ -45,7 +45,7 @@ def parse_report_to(value: str | list[str] | tuple[str, ...] | None) -> tuple[st
     unknown = [name for name in names if name not in REPORTERS]
     if unknown or "none" in names or "all" in names:
         raise UserError(f"--report_to: {', '.join(unknown) or ' '.join(names)} is not one of none, all, "
-                         f"{', '.join(REPORTERS)} (give several as --report_to tensorboard wandb)")
+                        f"{', '.join(REPORTERS)} (give several as --report_to tensorboard wandb)")
     return tuple(dict.fromkeys(names))
 
 

@@ -45,7 +45,7 @@ def convert(source: str, out: str, *, vision_tower: str | None = None, pretrain_
     if target.exists() and any(target.iterdir()):
         raise FileExistsError(f"{target} exists and is not empty: name a new directory")
     config = json.loads((src / "config.json").read_text())
-    original = llava_original.is_original_layout(config) or pretrain_mm_mlp_adapter is not None
+    original = llava_original.checkpoint_layout(config, pretrain_mm_mlp_adapter) == "original"
     settings = QuantizeConfig(blocksize=blocksize, double_quant=double_quant)
     tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)
     if original:

@@ -81,7 +81,7 @@ from m2pt_fast.data import (
 from m2pt_fast.ds_config import load_ds_config, offloads_optimizer, resolve_ds_config, zero_stage
 from m2pt_fast.errors import UserError
 from m2pt_fast.master_weights import fp32_master_values
-from m2pt_fast.methods import OUTPUT_NAMES, apply_method, check_method, save_output
+from m2pt_fast.methods import OUTPUT_NAMES, apply_method, check_method, save_output, trainable_parameters
 from m2pt_fast.reporting import MetricsReport, check_installed
 from m2pt_fast.runner_watch import watch_runner
 from m2pt_fast.train_config import TrainConfig, parse_args, to_dict
@@ -152,7 +152,7 @@ class M2PTRecipe:
             import deepspeed
         except ImportError as e:
             raise UserError("the trainer runs on DeepSpeed, which is not installed: "
-                             "DS_BUILD_OPS=0 pip install deepspeed (bash setup.sh does it)") from e
+                            "DS_BUILD_OPS=0 pip install deepspeed (bash setup.sh does it)") from e
         from deepspeed.utils import logger as deepspeed_logger
 
         deepspeed_logger.setLevel(logging.WARNING)  # its per-step INFO lines would bury the progress bar
@@ -193,7 +193,7 @@ class M2PTRecipe:
         self.quant = cfg.quant or ("bf16" if self.bf16 else "fp32")
         if self.quant == "bf16" and not self.bf16:
             raise UserError("--quant bf16 keeps the backbone in bf16, which needs bf16 compute: add --bf16 "
-                             "(the default on a GPU), or use --quant fp32 or --quant nf4")
+                            "(the default on a GPU), or use --quant fp32 or --quant nf4")
         where = cfg.ds_config or "the built-in ZeRO-0 DeepSpeed config"
         resolved = dataclasses.replace(cfg, quant=self.quant)
         self.ds_config = resolve_ds_config(load_ds_config(cfg.ds_config), resolved, self.world_size, self.bf16, where)
@@ -300,7 +300,7 @@ class M2PTRecipe:
         import deepspeed
 
         cfg = self.cfg
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = trainable_parameters(self.model)
         if offloads_optimizer(self.ds_config) and self.device.type == "cuda":
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -346,7 +346,7 @@ class M2PTRecipe:
         if cfg.resume:
             if found is None:
                 raise UserError(f"--resume: no complete checkpoint under {self.output_dir}/checkpoints; leave out "
-                                 "--resume to start a new run")
+                                "--resume to start a new run")
             self._resume(*self._intact_checkpoint())
         elif found is not None and finished_run(self.output_dir):
             # a finished run's outputs give way to a new run, as a directory without checkpoints always did
@@ -358,7 +358,7 @@ class M2PTRecipe:
             dist.barrier()
         elif found is not None:
             raise UserError(f"{self.output_dir} already holds checkpoints of an unfinished run: pass --resume to "
-                             "continue it, or give another --output_dir")
+                            "continue it, or give another --output_dir")
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             remove_partial_checkpoints(self.output_dir)  # left by a run killed while saving
@@ -389,7 +389,7 @@ class M2PTRecipe:
             if self.rank == 0:
                 log.warning("checkpoint %s is damaged (%s): trying the one before it", path, "; ".join(problems))
         raise UserError("--resume: every checkpoint is damaged:\n  " + "\n  ".join(damaged)
-                         + "\nleave out --resume (and move the checkpoints away) to start a new run")
+                        + "\nleave out --resume (and move the checkpoints away) to start a new run")
 
     def _run_signature(self) -> dict:
         """What must match for a checkpoint to continue this run bit for bit."""
@@ -407,10 +407,10 @@ class M2PTRecipe:
         mismatched = {k: (saved.get(k), v) for k, v in self._run_signature().items() if saved.get(k) != v}
         if mismatched:
             raise UserError(f"{path} comes from a run with other settings ({{name: (saved, now)}}: {mismatched}); "
-                             "resume with the same options and number of processes")
+                            "resume with the same options and number of processes")
         if step >= self.total_steps:
             raise UserError(f"{path} is at step {step} and this run has {self.total_steps} steps: it is done. Give "
-                             "a larger --max_steps (or --num_train_epochs) to train it further")
+                            "a larger --max_steps (or --num_train_epochs) to train it further")
         load_rng(path, self.rank, self.world_size)
         saved_total = client.get("total_steps", saved.get("total_steps"))
         moved = saved_total is not None and saved_total != self.total_steps
@@ -609,7 +609,7 @@ class M2PTRecipe:
         with self._gathered_tuned():
             values = {}
             if self.bf16:  # collective under ZeRO 1-3
-                tuned = [p for p in self.model.parameters() if p.requires_grad]
+                tuned = trainable_parameters(self.model)
                 values = fp32_master_values(self.optimizer, tuned)
             if self.rank == 0:
                 _remove(tmp)
@@ -636,7 +636,7 @@ class M2PTRecipe:
         if found is not None:
             size = sum(f.stat().st_size for f in found[1].rglob("*") if f.is_file())
         else:
-            tuned = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            tuned = sum(p.numel() for p in trainable_parameters(self.model))
             size = tuned * (16 if self.bf16 else 12) + 128 * 2**10
         return int(size * 1.25)
 
@@ -738,7 +738,7 @@ def _check_writable(output_dir: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise UserError(f"--output_dir {output_dir} cannot be written ({e.strerror or e}): "
-                         "give a directory this user can write to") from e
+                        "give a directory this user can write to") from e
 
 
 def main(argv: list[str] | None = None) -> int:

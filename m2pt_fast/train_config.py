@@ -113,7 +113,7 @@ class TrainConfig:
             raise UserError("nothing to train: give --num_vision_prompts/--num_text_prompts > 0 or --tune_projector")
         if self.max_steps == 0 or self.max_steps < -1:
             raise UserError(f"--max_steps must be a positive number of optimizer steps, or -1 to use "
-                             f"--num_train_epochs; got {self.max_steps}")
+                            f"--num_train_epochs; got {self.max_steps}")
         if self.max_steps == -1 and not self.num_train_epochs > 0:
             raise UserError(f"--num_train_epochs must be > 0 (or give --max_steps), got {self.num_train_epochs}")
         if self.learning_rate is None:
@@ -150,23 +150,23 @@ class TrainConfig:
             value = getattr(self, name)
             if value and not (Path(value).is_dir() if name == "vision_tower" else Path(value).is_file()):
                 raise UserError(f"--{name} {value} is not a local {'directory' if name == 'vision_tower' else 'file'}"
-                                 " (nothing is downloaded)")
+                                " (nothing is downloaded)")
         if self.version not in TEMPLATES:
             raise UserError(f"--version must be one of {sorted(TEMPLATES)} (LLaVA's conversation templates), "
-                             f"got {self.version!r}")
+                            f"got {self.version!r}")
         if self.image_aspect_ratio not in (None, *ASPECT_RATIOS):
             raise UserError(f"--image_aspect_ratio must be one of {ASPECT_RATIOS}, got {self.image_aspect_ratio!r}")
         if self.mm_vision_select_feature not in (None, "patch", "cls_patch"):
             raise UserError("--mm_vision_select_feature must be patch or cls_patch, "
-                             f"got {self.mm_vision_select_feature!r}")
+                            f"got {self.mm_vision_select_feature!r}")
         if self.model_name_or_path:
             if not (Path(self.model_name_or_path) / "config.json").is_file():
                 raise UserError(f"--model_name_or_path {self.model_name_or_path} has no config.json (the model's "
-                                 "config): save the model, tokenizer and processor there with save_pretrained")
+                                "config): save the model, tokenizer and processor there with save_pretrained")
             if not (Path(self.processor_dir) / "preprocessor_config.json").is_file():
                 raise UserError(f"{self.processor_dir} has no preprocessor_config.json (the image processor the "
-                                 "vision tower was trained with): save it there with save_pretrained"
-                                 + ("" if self.llava_source == "original" else
+                                "vision tower was trained with): save it there with save_pretrained"
+                                + ("" if self.llava_source == "original" else
                                     " (or, for LLaVA's own layout, pass --vision_tower)"))
         if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
             raise UserError(f"--output_dir {self.output_dir} is a file, not a directory: give a directory")
@@ -178,13 +178,13 @@ class TrainConfig:
         unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
         if not self.lora_targets or unknown:
             raise UserError(f"--lora_target_modules: {unknown or 'none given'}; the decoder's linear layers are "
-                             f"{','.join(LORA_TARGETS)} (comma-separated)")
+                            f"{','.join(LORA_TARGETS)} (comma-separated)")
         self.report_to = ",".join(parse_report_to(self.report_to)) or "none"
         check_method(self.method, self.num_vision_prompts, self.num_text_prompts, quant=self.quant,
                      tune_lm_head=self.tune_lm_head)
         if self.ds_config and not Path(self.ds_config).is_file():
             raise UserError(f"--ds_config {self.ds_config} does not exist "
-                             "(configs/ has zero0..zero3 and offload variants)")
+                            "(configs/ has zero0..zero3 and offload variants)")
 
     @property
     def embedded_model(self) -> bool:
@@ -200,8 +200,7 @@ class TrainConfig:
 
         path = Path(self.model_name_or_path) / "config.json"
         config = json.loads(path.read_text()) if path.is_file() else {}
-        original = llava_original.is_original_layout(config) or llava_original.is_plain_llama(config)
-        return "original" if original or self.pretrain_mm_mlp_adapter else "transformers"
+        return llava_original.checkpoint_layout(config, self.pretrain_mm_mlp_adapter)
 
     @property
     def processor_dir(self) -> str | None:
@@ -329,7 +328,7 @@ def _check_yaml_values(path: str, values: Any) -> dict[str, Any]:
     unknown = sorted(set(values) - known)
     if unknown:
         raise UserError(f"{path}: unknown option(s) {unknown}; valid keys are the --options of train.py: "
-                         f"{sorted(known)}")
+                        f"{sorted(known)}")
     return values
 
 

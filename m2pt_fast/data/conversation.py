@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from m2pt_fast.errors import UserError
+from m2pt_fast.labels import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
 SYSTEM_PROMPT = (
     "A chat between a curious user and an artificial intelligence assistant. "

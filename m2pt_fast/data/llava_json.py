@@ -82,7 +82,7 @@ def load_llava_records(
         entries = json.loads(data_path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
         raise UserError(f"--data_path {data_path} is not UTF-8 text (byte {e.start}: {e.reason}): JSON files are "
-                         "UTF-8; convert it, e.g. iconv -f latin1 -t utf-8") from e
+                        "UTF-8; convert it, e.g. iconv -f latin1 -t utf-8") from e
     except json.JSONDecodeError as e:
         raise UserError(f"--data_path {data_path} is not valid JSON ({e}); expected a list of LLaVA records") from e
     if not isinstance(entries, list):
@@ -157,7 +157,7 @@ def check_images_decode(records: list[dict[str, Any]], build: SampleBuilder,
             failures.append(f"{records[i]['image']}: {type(e).__name__}: {e}")
     if picks and len(failures) == len(picks):
         raise UserError(f"none of the {len(picks)} images checked before training decodes (e.g. {failures[0]}): "
-                         "the image files are broken or not images; check --image_folder")
+                        "the image files are broken or not images; check --image_folder")
     return len(failures)
 
 
