@@ -81,3 +81,10 @@ def test_no_import_circle_in_m2pt_kernels_and_it_never_imports_m2pt_fast():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
             assert not any(n.split(".")[0] == "m2pt_fast" for n in names), path
+
+
+def test_the_readme_map_names_every_module():
+    layout = (ROOT / "README.md").read_text(encoding="utf-8").split("## Layout", 1)[1]
+    modules = [p.name for p in (ROOT / "m2pt_fast").glob("*.py") if p.name != "__init__.py"]
+    missing = [name for name in modules if f" {name} " not in layout.replace("\n", " \n")]
+    assert not missing, f"README's Layout lacks {missing}"
