@@ -33,7 +33,8 @@ def pytest_collection_modifyitems(config, items):
     slow = [item for item in items if item.get_closest_marker("slow")]
     if slow:
         config.hook.pytest_deselected(items=slow)
-        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+        deselected = set(slow)
+        items[:] = [item for item in items if item not in deselected]
 
 
 def pytest_report_header(config):

@@ -70,9 +70,9 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
 class MetricsReport:
     """Rank 0's writer of every step's record: metrics.jsonl, then each integration asked for."""
 
-    def __init__(self, output_dir: Path, report_to: tuple[str, ...], run_name: str | None, config: dict):
-        self.metrics_path = Path(output_dir) / "metrics.jsonl"
-        self.report_to = report_to
+    def __init__(self, output_dir: Path, metrics_path: Path, report_to: tuple[str, ...], run_name: str | None,
+                 config: dict):
+        self.metrics_path = metrics_path
         self.locations: list[str] = []
         self._tensorboard = self._wandb_run = None
         if "tensorboard" in report_to:

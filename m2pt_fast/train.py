@@ -371,7 +371,7 @@ class M2PTRecipe:
             (self.output_dir / "run_config.json").write_text(json.dumps(run, indent=2) + "\n")
             if cfg.embedded_model:
                 self.tokenizer.save_pretrained(self.output_dir / "tokenizer")
-            self.report = MetricsReport(self.output_dir, cfg.reporters, cfg.run_name, run)
+            self.report = MetricsReport(self.output_dir, self.metrics_path, cfg.reporters, cfg.run_name, run)
             for where in self.report.locations:
                 log.info("reporting to %s", where)
         dist.barrier()
