@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -43,7 +43,7 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     "dev": ["pytest>=8", "pytest-benchmark>=4", "matplotlib>=3.7", "ruff>=0.15", "tensorboard>=2.14",
             "wandb>=0.18"],
-    # --report_to (m2pt_fast/reporting.py): not installed by setup.sh unless dev
+    # --report_to (m2pt_fast/training/reporting.py): not installed by setup.sh unless dev
     "tensorboard": ["tensorboard>=2.14"],
     "wandb": ["wandb>=0.18"],
     "triton": ["triton" if ANY_TORCH else TRITON_REQUIREMENT],
@@ -112,7 +112,7 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["m2pt_fast", "m2pt_fast.data", "m2pt_kernels", "m2pt_kernels.reference"],
+    packages=[*find_packages(include=["m2pt_fast", "m2pt_fast.*"]), "m2pt_kernels", "m2pt_kernels.reference"],
     package_dir={"m2pt_kernels": "kernels/m2pt_kernels"},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

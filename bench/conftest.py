@@ -130,7 +130,8 @@ def write_memory_figures(workloads) -> Path | None:
         "ours": side("ours"), "baseline": side("baseline"),
         "ratio": found["ours"]["ckpt"]["peak_bytes"] / found["baseline"]["ckpt"]["peak_bytes"],
         "ratio_no_checkpointing": found["ours"]["no-ckpt"]["peak_bytes"] / found["baseline"]["no-ckpt"]["peak_bytes"],
-        "counted_on": "meta (m2pt_fast.memory: the CUDA allocator's view, kernels as on a GPU; docs/memory.md)",
+        "counted_on": "meta (m2pt_fast.planning.memory: the CUDA allocator's view, kernels as on a GPU; "
+                      "docs/memory.md)",
         "versions": RUN_INFO["versions"],
     }
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ Weights are dense bf16 on meta for both sides: NF4 dequantization is not a matmu
 cannot run on meta, so the frozen backbone's format does not change these counts.
 
 Plain meta tensors cannot answer the host's questions (`.item()` of a count, boolean-mask indexing):
-`m2pt_fast.meta_values.MetaValues` answers them from CPU copies of the small integer tensors.
+`m2pt_fast.planning.meta_values.MetaValues` answers them from CPU copies of the small integer tensors.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-from m2pt_fast.meta_values import MetaValues
+from m2pt_fast.planning.meta_values import MetaValues
 
 ATTENTION_OPS = {"aten.bmm", "aten.baddbmm", "aten._scaled_dot_product_efficient_attention",
                  "aten._scaled_dot_product_flash_attention", "aten._scaled_dot_product_cudnn_attention",

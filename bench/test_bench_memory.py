@@ -5,7 +5,7 @@
 The headline of docs/benchmarks.md at full size (LLaVA-1.5-7B, NF4 — ours and bitsandbytes' storage
 — bf16, micro-batch 8, 576 image + 128 text tokens, 32 answer tokens, n_v = n_t = 10), ours (fused)
 and the baseline (reference + transformers' checkpointing), checkpointing on and off: the peak
-`torch.cuda.max_memory_allocated` would report after two steps (m2pt_fast.memory; docs/memory.md
+`torch.cuda.max_memory_allocated` would report after two steps (m2pt_fast.planning.memory; docs/memory.md
 says what the count covers), what holds it, and each side's largest micro-batch whose counted peak
 is within 24 GiB (checkpointing on and off). Machine-independent: the same numbers on any computer, so the
 run writes them to bench/results/memory-<date>.json wherever it runs (bench/conftest.py). The timed
@@ -19,7 +19,7 @@ import importlib.util
 import pytest
 import workloads
 
-from m2pt_fast import memory
+from m2pt_fast.planning import memory
 
 SHAPE = workloads.HEADLINE
 LIMIT = 24 * 2**30

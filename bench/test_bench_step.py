@@ -4,7 +4,7 @@
 
 On CUDA: the headline shape of docs/benchmarks.md (LLaVA-1.5-7B, NF4, bf16, micro-batch 8, 576 image + 128 text
 tokens, 32 answer tokens, n_v = n_t = 10), reporting samples/s, tokens/s, peak memory (beside its count
-on meta, m2pt_fast.memory) and MFU against the dense bf16 rate measured in the same run, plus the largest
+on meta, m2pt_fast.planning.memory) and MFU against the dense bf16 rate measured in the same run, plus the largest
 micro-batch that fits in 24 GiB; the run also writes bench/results/headline-<gpu>-<date>.json. On a CPU: a
 tiny shape, to prove the harness (CPU timings are not performance figures).
 """
@@ -24,8 +24,8 @@ _dense_rate = {}
 def _skip_unless_available(provider):
     if SHAPE.quant == "nf4" and provider == "baseline" and importlib.util.find_spec("bitsandbytes") is None:
         pytest.skip("the baseline needs bitsandbytes (pip install bitsandbytes)")
-    if SHAPE.quant == "nf4" and provider == "ours" and importlib.util.find_spec("m2pt_fast.quantize") is None:
-        pytest.skip("m2pt_fast.quantize (the NF4 backbone) is not in this checkout")
+    if SHAPE.quant == "nf4" and provider == "ours" and importlib.util.find_spec("m2pt_fast.models.quantize") is None:
+        pytest.skip("m2pt_fast.models.quantize (the NF4 backbone) is not in this checkout")
 
 
 def _sync():
@@ -76,7 +76,7 @@ def test_train_step(benchmark, provider, checkpointing):
         "useful_tflop_per_step": workloads.useful_flops_per_sample(model, SHAPE) * SHAPE.batch / 1e12,
     }
     if HAS_CUDA:
-        # the same two steps counted on meta (m2pt_fast.memory) against what the allocator recorded
+        # the same two steps counted on meta (m2pt_fast.planning.memory) against what the allocator recorded
         counted = workloads.count_memory(SHAPE, provider, checkpointing == "ckpt").peak_bytes
         figures["counted_peak_bytes"] = counted
         figures["counted_over_measured"] = counted / figures["peak_mem_bytes"]

@@ -1,6 +1,6 @@
 """What the end-to-end benchmarks run: ours and the baseline a user writes today (docs/benchmarks.md).
 
-- ours: build_llava → m2pt_fast.quantize.quantize_model (our NF4) → apply_m2pt(backend="fused");
+- ours: build_llava → m2pt_fast.models.quantize.quantize_model (our NF4) → apply_m2pt(backend="fused");
 - baseline: the same random LLaVA with bitsandbytes Linear4bit layers (nf4, double quant, compute in
   the model dtype) where transformers would put them → apply_m2pt(backend="reference") on SDPA,
   with transformers' gradient checkpointing.
@@ -112,7 +112,7 @@ def build(provider: str, shape: StepShape, device: str, checkpointing: bool = Tr
     llava = build_llava(shape.model, device=device, dtype=shape.dtype)
     if provider == "ours":
         if shape.quant == "nf4":
-            from m2pt_fast.quantize import quantize_model
+            from m2pt_fast.models.quantize import quantize_model
 
             quantize_model(llava)
         model = apply_m2pt(llava, shape.num_prompts, shape.num_prompts, backend="fused")
@@ -131,9 +131,9 @@ def build(provider: str, shape: StepShape, device: str, checkpointing: bool = Tr
 
 def count_memory(shape: StepShape, provider: str, checkpointing: bool, micro_batch: int | None = None, *,
                  warm: bool = False, timeline: bool = False):
-    """The peak memory of `provider`'s training steps at `shape`, counted on meta (m2pt_fast.memory):
+    """The peak memory of `provider`'s training steps at `shape`, counted on meta (m2pt_fast.planning.memory):
     two steps of a fresh model, as the GPU bench measures them, or one after warm_optimizer."""
-    from m2pt_fast import memory
+    from m2pt_fast.planning import memory
 
     model, optimizer = build(provider, shape, "meta", checkpointing=checkpointing)
     if warm:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import apply_m2pt, build_llava, llava_config, load_prompts, save_prompts, trainable_report
+from m2pt_fast import apply_m2pt, build_llava, llava_config, load_prompts, save_prompts, trainable_report
 
 
 def main(argv: list[str] | None = None) -> tuple[float, float]:

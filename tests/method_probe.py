@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from m2pt_fast.methods import OUTPUT_NAMES, load_output
-from m2pt_fast.train import M2PTRecipe
-from m2pt_fast.train_config import parse_args
+from m2pt_fast.method.methods import OUTPUT_NAMES, load_output
+from m2pt_fast.training.config import parse_args
+from m2pt_fast.training.recipe import M2PTRecipe
 
 
 def batch_loss(model, batch) -> float:

@@ -1,4 +1,4 @@
-"""Prompt K/V through transformers' attention interface (m2pt_fast/attention.py)."""
+"""Prompt K/V through transformers' attention interface (m2pt_fast/method/attention.py)."""
 import copy
 import sys
 
@@ -7,7 +7,8 @@ import torch
 from model_inputs import make_batch
 from torch import nn
 
-from m2pt_fast import apply_m2pt, attention, build_llava
+from m2pt_fast import apply_m2pt, build_llava
+from m2pt_fast.method import attention
 
 
 @pytest.fixture
@@ -128,7 +129,7 @@ def test_prompt_kv_capture_multiplies_by_the_qkv_projections_only(shape):
     # running on the prompt rows would show up here.
     from torch.utils.flop_counter import FlopCounterMode
 
-    from m2pt_fast.model import clip_parts
+    from m2pt_fast.method.model import clip_parts
 
     model = apply_m2pt(build_llava(shape, seed=10), 3, 4)
     model.backend = "fused"

@@ -7,7 +7,8 @@ import pytest
 from launch import ROOT, TRAIN, trainer_env
 from PIL import Image
 
-from m2pt_fast import UserError, train
+from m2pt_fast import UserError
+from m2pt_fast.training import recipe
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:
@@ -52,12 +53,12 @@ def test_only_user_errors_are_turned_into_exit_2(error, code, tmp_path, monkeypa
     def setup(self):
         raise error
 
-    monkeypatch.setattr(train.M2PTRecipe, "setup", setup)
-    monkeypatch.setattr(train.M2PTRecipe, "cleanup", lambda self: None)
+    monkeypatch.setattr(recipe.M2PTRecipe, "setup", setup)
+    monkeypatch.setattr(recipe.M2PTRecipe, "cleanup", lambda self: None)
     argv = ["--output_dir", str(tmp_path / "out")]
     if code is None:  # ours: the traceback reaches the user
         with pytest.raises(ValueError, match="internal"):
-            train.main(argv)
+            recipe.main(argv)
     else:
-        assert train.main(argv) == code
+        assert recipe.main(argv) == code
         assert "bad --data_path" in caplog.text  # the trainer's log, as an error line

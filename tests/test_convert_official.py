@@ -9,8 +9,8 @@ from llava_fixtures import VISION, clip_directory, llama_directory, projector_fi
 from transformers import CLIPVisionModel, LlamaForCausalLM
 
 from m2pt_fast import compat, load_llava
-from m2pt_fast.convert_official import main
-from m2pt_fast.methods import load_output
+from m2pt_fast.method.convert_official import main
+from m2pt_fast.method.methods import load_output
 
 N_V, N_T = 4, 3
 
@@ -98,7 +98,7 @@ def test_converted_prompts_compute_the_released_code_s_vision_features(official,
 
 def test_the_method_s_selection_differs_and_refuses_official_prompts(official):
     from m2pt_fast import apply_m2pt, load_prompts
-    from m2pt_fast.prompt_io import PromptFileError
+    from m2pt_fast.method.prompt_io import PromptFileError
 
     _converted(official)
     base = load_llava(official["llama"], vision_tower=official["clip"],

@@ -28,8 +28,8 @@ from m2pt_fast.data import (
     write_llava_json,
 )
 from m2pt_fast.data.conversation import ASSISTANT, SYSTEM_PROMPT, USER
-from m2pt_fast.ds_config import DEFAULT_DS_CONFIG, resolve_ds_config
-from m2pt_fast.train_config import TrainConfig, parse_args
+from m2pt_fast.training.config import TrainConfig, parse_args
+from m2pt_fast.training.ds_config import DEFAULT_DS_CONFIG, resolve_ds_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 IMAGE_TOKENS = 5  # odd on purpose: nothing may assume a square number here
@@ -334,7 +334,7 @@ def test_shipped_ds_configs_resolve():
 def test_shipped_recipes_use_known_options():
     import yaml
 
-    from m2pt_fast.train_config import _check_yaml_values
+    from m2pt_fast.training.config import _check_yaml_values
 
     recipes = sorted(CONFIGS.glob("*.yaml"))
     assert recipes

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from m2pt_fast.benchmarks import LoadReport, load_benchmark
-from m2pt_fast.evaluate import main
+from m2pt_fast.evaluation.benchmark_files import LoadReport, load_benchmark
+from m2pt_fast.evaluation.evaluate import main
 
 
 def _image(path: Path, colour) -> None:
@@ -139,7 +139,7 @@ def test_own_files_count_in_mm_avg_as_the_paper_s_tasks(data, tmp_path):
     scores = json.loads((tmp_path / "scores.json").read_text())
     assert scores["mm_avg"] == scores["benchmarks"]["textvqa"]["accuracy"]
     (row,) = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
-    from m2pt_fast.evaluation import vqa_accuracy
+    from m2pt_fast.evaluation.scorers import vqa_accuracy
 
     assert scores["benchmarks"]["textvqa"]["accuracy"] == vqa_accuracy(row["text"], row["target"])
 
@@ -162,7 +162,7 @@ def test_two_processes_answer_and_score_as_one(data, tmp_path):
 def test_chat_answers_as_evaluate_does(data, tmp_path, capsys, monkeypatch):
     import io
 
-    from m2pt_fast.chat import main as chat
+    from m2pt_fast.evaluation.chat import main as chat
 
     image = data / "tasks" / "img" / "1.png"
     evaluated, _ = _evaluate(tmp_path / "e", "--benchmark", "mnist", "--data_dir", str(data / "tasks"))
@@ -233,7 +233,7 @@ def test_llava_question_files_are_asked_as_written_and_answered_in_llava_s_forma
             {"image": "x.jpg", "text": "no id"}]
     (root / "llava_mini.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + "not json\n")
     report = LoadReport()
-    from m2pt_fast.benchmarks import load_llava_questions
+    from m2pt_fast.evaluation.benchmark_files import load_llava_questions
 
     questions = load_llava_questions(root / "llava_mini.jsonl", root / "images", report)
     assert [q.question_id for q in questions] == ["101", "102"] and questions[0].text == rows[0]["text"]
@@ -284,7 +284,7 @@ def _judge_dir(path: Path, first_word: str) -> Path:
 
 @pytest.mark.parametrize("first_word, expected", [("yes", 1.0), ("no", 0.0)])
 def test_a_local_judge_rules_on_every_answer(data, tmp_path, first_word, expected):
-    from m2pt_fast.judge import judge_prompt, verdict
+    from m2pt_fast.evaluation.judge import judge_prompt, verdict
 
     judge = _judge_dir(tmp_path / "judge", first_word)
     _, scores = _evaluate(tmp_path / "out", "--benchmark", "mnist", "--data_dir", str(data / "tasks"),

@@ -1,8 +1,8 @@
-"""m2pt_fast.evaluation's scorers on cases worked by hand from the official scripts' rules, the
+"""m2pt_fast.evaluation.scorers on cases worked by hand from the official scripts' rules, the
 answers that trip parsers included."""
 import pytest
 
-from m2pt_fast.evaluation import (
+from m2pt_fast.evaluation.scorers import (
     choice_accuracy,
     choice_correct,
     mm_avg,

@@ -206,7 +206,7 @@ def test_fused_equals_reference_on_an_nf4_backbone(shape, pytorch_kernels):
 
 def test_the_loss_in_several_chunks_equals_the_reference(pytorch_kernels, monkeypatch):
     # chunks of 16 rows (the least): the labelled positions of this batch span several
-    fused_module = importlib.import_module("m2pt_fast.fused")
+    fused_module = importlib.import_module("m2pt_fast.method.fused")
     monkeypatch.setattr(fused_module, "LOSS_CHUNK_BYTES", 1)
     model = apply_m2pt(build_llava("tiny", seed=5), 2, 3)
     ids, pixels, mask, labels = padded_batch(model, seed=4)

@@ -1,4 +1,4 @@
-"""The fused path's lean norms and activations (m2pt_fast/lean.py) against transformers' own modules:
+"""The fused path's lean norms and activations (m2pt_fast/lean_activations.py) against transformers' own modules:
 the same outputs and gradients, and less saved for backward."""
 import pytest
 import torch
@@ -7,7 +7,8 @@ from transformers.activations import QuickGELUActivation
 from transformers.models.clip.modeling_clip import CLIPMLP
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
-from m2pt_fast import apply_m2pt, build_llava, lean
+from m2pt_fast import apply_m2pt, build_llava
+from m2pt_fast.method import lean_activations
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -39,10 +40,10 @@ def _run(module, x):
 def _pair(module, x):
     module.zero_grad()
     plain = _run(module, x)
-    lean.set_lean(module, True)
+    lean_activations.set_lean(module, True)
     module.zero_grad()
     fast = _run(module, x)
-    lean.set_lean(module, False)
+    lean_activations.set_lean(module, False)
     return plain, fast
 
 
@@ -60,9 +61,9 @@ def test_rms_norm_computes_the_same_and_saves_no_fp32_copy(dtype):
     assert ((lean_gw["weight"].float() - gw["weight"].float()).norm() / gw["weight"].float().norm()) < tol
     rows = 3 * 7
     plain = _saved_bytes(norm, x.requires_grad_(True))
-    lean.set_lean(norm, True)
+    lean_activations.set_lean(norm, True)
     lean_saved = _saved_bytes(norm, x)
-    lean.set_lean(norm, False)
+    lean_activations.set_lean(norm, False)
     assert lean_saved == rows * 4 + 64 * x.element_size()  # 1/rms per row, and the weight (x is the input)
     assert plain >= rows * 64 * 4  # transformers' module keeps an fp32 copy of the input
 
@@ -75,7 +76,7 @@ def test_rms_norm_gradient_is_as_close_to_float64_as_autograd_s():
     x64, w64 = x.double().requires_grad_(True), w.double().requires_grad_(True)
     (w64 * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6)).backward(g.double())
     errors = {}
-    for name, fn in (("lean", lambda a, b: lean.rms_norm(a, b, 1e-6)),
+    for name, fn in (("lean", lambda a, b: lean_activations.rms_norm(a, b, 1e-6)),
                      ("autograd", lambda a, b: b * (a * torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + 1e-6)))):
         a, b = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
         fn(a, b).backward(g)
@@ -96,9 +97,9 @@ def test_swiglu_mlp_is_bit_for_bit_and_saves_one_tensor_less(dtype):
     mlp.requires_grad_(False)
     intermediate = 2 * 5 * 48 * x.element_size()
     plain = _saved_bytes(mlp, x.requires_grad_(True))
-    lean.set_lean(mlp, True)
+    lean_activations.set_lean(mlp, True)
     lean_saved = _saved_bytes(mlp, x)
-    lean.set_lean(mlp, False)
+    lean_activations.set_lean(mlp, False)
     assert plain - lean_saved == intermediate  # silu(gate) is no longer kept
 
 
@@ -112,9 +113,9 @@ def test_quick_gelu_mlp_is_bit_for_bit_and_keeps_no_sigmoid(dtype):
     assert all(torch.equal(lean_grads[n], grads[n]) for n in grads)
     mlp.requires_grad_(False)
     plain = _saved_bytes(mlp, x.requires_grad_(True))
-    lean.set_lean(mlp, True)
+    lean_activations.set_lean(mlp, True)
     lean_saved = _saved_bytes(mlp, x)
-    lean.set_lean(mlp, False)
+    lean_activations.set_lean(mlp, False)
     assert plain - lean_saved == 2 * 5 * 48 * x.element_size()
 
 
@@ -134,4 +135,4 @@ def test_the_backend_installs_them_on_the_fused_path_only():
 def test_modules_they_do_not_reproduce_are_left_alone():
     config = LlamaConfig(hidden_size=32, intermediate_size=48, hidden_act="gelu")
     mlp = LlamaMLP(config)
-    assert lean.set_lean(mlp, True) == 0 and "forward" not in vars(mlp)
+    assert lean_activations.set_lean(mlp, True) == 0 and "forward" not in vars(mlp)

@@ -12,7 +12,7 @@ from llava_fixtures import VOCAB, clip_directory, llama_directory, llava_directo
 from transformers import CLIPVisionModel, LlamaForCausalLM
 
 from m2pt_fast import compat, load_llava
-from m2pt_fast.llava_original import LlavaSourceError
+from m2pt_fast.models.llava_original import LlavaSourceError
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_add_image_token_gives_the_model_s_id_and_refuses_another_vocabulary(fil
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    from m2pt_fast.llava_original import add_image_token
+    from m2pt_fast.models.llava_original import add_image_token
 
     model = load_llava(files["llama"], vision_tower=files["clip"],
                        pretrain_mm_mlp_adapter=projector_file(files["root"] / "p.bin", "linear"))
@@ -167,7 +167,7 @@ def test_the_paper_s_recipe_names_the_assembly_with_trainer_options():
 
     import yaml
 
-    from m2pt_fast.train_config import TrainConfig
+    from m2pt_fast.training.config import TrainConfig
 
     recipe = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "m2pt_llava_v1_7b.yaml").read_text())
     assert set(recipe) <= {f.name for f in dataclasses.fields(TrainConfig)}
@@ -180,8 +180,8 @@ def test_any_source_is_written_once_as_an_nf4_directory_that_trains(files, tmp_p
 
     from m2pt_fast.data import build_word_tokenizer, synthetic_texts, words_of, write_llava_json
     from m2pt_fast.data.conversation import SYSTEM_PROMPT
-    from m2pt_fast.quantize import load_quantized, quantize_model
-    from m2pt_fast.to_nf4 import main as to_nf4
+    from m2pt_fast.models.quantize import load_quantized, quantize_model
+    from m2pt_fast.models.to_nf4 import main as to_nf4
 
     data_path, images = write_llava_json(tmp_path / "data", 8, seed=1)
     texts = [*synthetic_texts(), SYSTEM_PROMPT, "USER: ASSISTANT:", Path(data_path).read_text()]
@@ -223,7 +223,7 @@ def test_any_source_is_written_once_as_an_nf4_directory_that_trains(files, tmp_p
 def test_a_bitsandbytes_4bit_checkpoint_in_llava_s_layout_loads_its_nf4_weights(files, tmp_path):
     # What saving a LLaVA loaded in 4 bits gives: the decoder's linear weights as transformers serializes
     # bitsandbytes' (packed codes + weight.* statistics), the rest dense, a quantization_config.
-    from m2pt_fast.quantize import NF4Linear
+    from m2pt_fast.models.quantize import NF4Linear
     from m2pt_kernels import nf4_quantize
 
     source = llava_directory(tmp_path / "llava", files["llama"], files["clip"], "mlp2x_gelu")

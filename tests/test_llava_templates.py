@@ -7,7 +7,13 @@ import pytest
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from m2pt_fast.data.conversation import IGNORE_INDEX, LLAVA_SYSTEM_PROMPT, SYSTEM_PROMPT, BadRecord, ConversationEncoder
+from m2pt_fast.data.conversation import (
+    IGNORE_INDEX,
+    LLAVA_SYSTEM_PROMPT,
+    SYSTEM_PROMPT,
+    BadRecord,
+    ConversationEncoder,
+)
 
 IMAGE_TOKEN_INDEX = -200  # LLaVA's
 IMAGE_TOKENS = 4

@@ -1,4 +1,4 @@
-"""The memory count of training steps (m2pt_fast.memory): against the CPU allocator's own record, a
+"""The memory count of training steps (m2pt_fast.planning.memory): against the CPU allocator's own record, a
 case worked by hand, and the shortcuts the planner takes (a warmed optimizer, extrapolation)."""
 import dataclasses
 import importlib.util
@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from m2pt_fast import memory
-from m2pt_fast.meta_values import MetaValues
+from m2pt_fast.planning import memory
+from m2pt_fast.planning.meta_values import MetaValues
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 

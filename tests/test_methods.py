@@ -10,8 +10,8 @@ from launch import ROOT, TRAIN, deepspeed_run, python_run
 from model_inputs import make_batch
 
 from m2pt_fast import build_llava, trainable_report
-from m2pt_fast.methods import METHODS, OUTPUT_NAMES, LoraSettings, apply_method, lora_config
-from m2pt_fast.train_config import parse_args
+from m2pt_fast.method.methods import METHODS, OUTPUT_NAMES, LoraSettings, apply_method, lora_config
+from m2pt_fast.training.config import parse_args
 
 peft = pytest.importorskip("peft")
 

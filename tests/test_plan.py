@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from m2pt_fast import memory, plan
+from m2pt_fast.planning import memory, plan
 
 GIB = 2**30
 
@@ -89,7 +89,7 @@ def test_the_command_line_prints_the_table_or_json(capsys):
 
 
 def test_a_model_directory_plans_like_its_shape(tmp_path, capsys):
-    from m2pt_fast.builders import llava_config
+    from m2pt_fast.models.llava import llava_config
 
     llava_config("tiny").save_pretrained(tmp_path)
     args = ["--model_max_length", "40", "--micro_batches", "2", "--json", "--gpu_memory", "8MiB", "--margin", "0"]

@@ -55,7 +55,7 @@ def test_file_for_another_width_is_refused(tmp_path):
     config_path = tmp_path / "p.safetensors"
     wide = build_llava("tiny")
     save_prompts(apply_m2pt(wide, 2, 2), config_path)
-    from m2pt_fast.builders import llava_config
+    from m2pt_fast.models.llava import llava_config
     config = llava_config("tiny")
     config.text_config.hidden_size = 96
     narrow = apply_m2pt(build_llava(config), 2, 2)
@@ -109,7 +109,7 @@ def test_a_file_missing_what_its_metadata_promises_is_refused(tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "torch_pickle", "text"])
 def test_an_unreadable_file_gets_our_error_with_its_path(tmp_path, damage):
-    from m2pt_fast.prompt_io import PromptFileError
+    from m2pt_fast.method.prompt_io import PromptFileError
 
     model = apply_m2pt(build_llava("tiny", seed=2), 2, 3)
     path = save_prompts(model, tmp_path / "p.safetensors")

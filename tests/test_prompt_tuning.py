@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
-from m2pt_fast.prompt_tuning import DeepTextPrompts, DeepVisionPrompts
+from m2pt_fast.method.prompt_tuning import DeepTextPrompts, DeepVisionPrompts
 
 
 @pytest.fixture(autouse=True)

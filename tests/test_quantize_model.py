@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from m2pt_fast.quantize import NF4Linear, QuantizeConfig, load_quantized, quantize_model, save_quantized
+from m2pt_fast.models.quantize import NF4Linear, QuantizeConfig, load_quantized, quantize_model, save_quantized
 from m2pt_kernels import nf4_quantize
 from m2pt_kernels.reference import nf4_dequantize_reference
 
@@ -64,7 +64,7 @@ def _n_linear(model, fragment):
 def test_quantize_model_replaces_backbone_linears_only(fp_model, caplog):
     model = _clone(fp_model)
     n_vision, n_text = _n_linear(model, "vision_tower"), _n_linear(model, "language_model")
-    with caplog.at_level(logging.INFO, logger="m2pt_fast.quantize"):
+    with caplog.at_level(logging.INFO, logger="m2pt_fast.models.quantize"):
         report = quantize_model(model)
     assert len(report.quantized) == n_vision + n_text == 3 * 6 + 2 * 7
     assert all(isinstance(model.get_submodule(n), NF4Linear) for n in report.quantized)

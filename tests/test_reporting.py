@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from launch import python_run
 
-from m2pt_fast import reporting, train
-from m2pt_fast.train_config import parse_args
+from m2pt_fast.training import recipe, reporting
+from m2pt_fast.training.config import parse_args
 
 tensorboard = pytest.importorskip("tensorboard")
 wandb = pytest.importorskip("wandb")
@@ -27,9 +27,9 @@ def test_report_to_reads_as_hf_trainer_reads_it(argv, expected, tmp_path):
 
 
 def test_report_to_from_a_yaml_list(tmp_path):
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("report_to: [wandb, tensorboard]\n")
-    assert parse_args(["--config", str(recipe)]).reporters == ("wandb", "tensorboard")
+    yaml_file = tmp_path / "recipe.yaml"
+    yaml_file.write_text("report_to: [wandb, tensorboard]\n")
+    assert parse_args(["--config", str(yaml_file)]).reporters == ("wandb", "tensorboard")
 
 
 @pytest.mark.parametrize("value", [["mlflow"], ["none", "wandb"], ["all", "wandb"]])
@@ -44,8 +44,8 @@ def test_a_missing_integration_is_refused_before_any_weights_are_read(tmp_path, 
     def never(*args, **kwargs):
         raise AssertionError("the model was built")
 
-    monkeypatch.setattr(train.M2PTRecipe, "setup", never)
-    assert train.main(["--report_to", "tensorboard", "wandb", "--output_dir", str(tmp_path / "out")]) == 2
+    monkeypatch.setattr(recipe.M2PTRecipe, "setup", never)
+    assert recipe.main(["--report_to", "tensorboard", "wandb", "--output_dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "--report_to wandb: the package is not installed; pip install wandb" in err
     assert not (tmp_path / "out" / "metrics.jsonl").exists()

@@ -328,7 +328,7 @@ def _damage(checkpoint: Path, how: str) -> None:
 
 @pytest.mark.parametrize("how", ["truncated", "empty_file", "empty_dir", "no_state", "no_rng"])
 def test_damage_is_found_by_the_checkpoint_check(two_checkpoints, tmp_path, how):
-    from m2pt_fast.checkpointing import checkpoint_problems
+    from m2pt_fast.training.checkpoints import checkpoint_problems
 
     out = tmp_path / "run"
     shutil.copytree(two_checkpoints, out)
@@ -370,12 +370,12 @@ def test_resume_with_every_checkpoint_damaged_names_each(two_checkpoints, tmp_pa
 @pytest.mark.parametrize("case", ["output_is_a_file", "read_only_output", "no_config_json", "no_preprocessor",
                                   "ds_config_list", "stage_two", "grad_norm_nan"])
 def test_bad_paths_and_options_are_refused_before_any_weights_are_read(tmp_path, case, capsys, monkeypatch):
-    from m2pt_fast import train
+    from m2pt_fast.training import recipe
 
     def never(*args, **kwargs):
         raise AssertionError("the model was being built")
 
-    monkeypatch.setattr(train.M2PTRecipe, "setup", never)
+    monkeypatch.setattr(recipe.M2PTRecipe, "setup", never)
     args = ["--output_dir", str(tmp_path / "out")]
     if case == "output_is_a_file":
         (tmp_path / "out").write_text("")
@@ -405,31 +405,31 @@ def test_bad_paths_and_options_are_refused_before_any_weights_are_read(tmp_path,
     else:
         args += ["--max_grad_norm", "nan"]
         expected = "--max_grad_norm must be a finite number"
-    assert train.main(args) == 2
+    assert recipe.main(args) == 2
     assert expected in capsys.readouterr().err
 
 
 def test_an_output_directory_held_by_a_live_run_is_refused_with_its_pid(tmp_path, capsys, monkeypatch):
     import socket
 
-    from m2pt_fast import train
-    from m2pt_fast.checkpointing import LOCK_NAME
+    from m2pt_fast.training import recipe
+    from m2pt_fast.training.checkpoints import LOCK_NAME
 
     monkeypatch.delenv("RANK", raising=False)
-    monkeypatch.setattr(train.M2PTRecipe, "setup", lambda self: None)
-    monkeypatch.setattr(train.M2PTRecipe, "train", lambda self: 0)
+    monkeypatch.setattr(recipe.M2PTRecipe, "setup", lambda self: None)
+    monkeypatch.setattr(recipe.M2PTRecipe, "train", lambda self: 0)
     out = tmp_path / "out"
     out.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (out / LOCK_NAME).write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
-        assert train.main(["--output_dir", str(out)]) == 2
+        assert recipe.main(["--output_dir", str(out)]) == 2
         assert f"in use by a live run (PID {holder.pid})" in capsys.readouterr().err
     finally:
         holder.kill()
         holder.wait()
     # the holder is gone (killed, as after a crash): its lock is taken over, and released at the end
-    assert train.main(["--output_dir", str(out)]) == 0
+    assert recipe.main(["--output_dir", str(out)]) == 0
     assert "took over the lock of a run that is gone" in capsys.readouterr().err
     assert not (out / LOCK_NAME).exists()
 

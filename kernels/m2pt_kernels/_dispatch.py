@@ -30,7 +30,7 @@ _META_AS_KERNELS = False
 def meta_as_kernels():
     """Inside, meta tensors take the kernels' path, as CUDA tensors would: each op then allocates
     exactly what its kernel allocates (its registered fake implementation's outputs), so the CUDA
-    peak of a step can be counted on meta (m2pt_fast.memory). Outside, meta tensors run the
+    peak of a step can be counted on meta (m2pt_fast.planning.memory). Outside, meta tensors run the
     references, whose matmuls FLOP counters see."""
     global _META_AS_KERNELS
     previous, _META_AS_KERNELS = _META_AS_KERNELS, True

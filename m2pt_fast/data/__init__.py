@@ -2,9 +2,9 @@
 
 Imports go one way: data knows nothing of the model or the trainer.
 """
-from .conversation import IGNORE_INDEX, BadRecord, ConversationEncoder
-from .image import ImagePreprocessor
-from .llava_json import (
+from m2pt_fast.data.conversation import IGNORE_INDEX, BadRecord, ConversationEncoder
+from m2pt_fast.data.image import ImagePreprocessor
+from m2pt_fast.data.llava_json import (
     LlavaJsonDataset,
     SampleBuilder,
     SkipReport,
@@ -14,9 +14,9 @@ from .llava_json import (
     longest_sample,
     make_collate,
 )
-from .sampler import EpochShardSampler
-from .synthetic import held_out_record, synthetic_record, synthetic_texts, write_llava_json
-from .tokenizer import IMAGE, build_word_tokenizer, words_of
+from m2pt_fast.data.sampler import EpochShardSampler
+from m2pt_fast.data.synthetic import held_out_record, synthetic_record, synthetic_texts, write_llava_json
+from m2pt_fast.data.tokenizer import IMAGE, build_word_tokenizer, words_of
 
 __all__ = [
     "IGNORE_INDEX", "IMAGE", "BadRecord", "ConversationEncoder", "EpochShardSampler", "ImagePreprocessor",

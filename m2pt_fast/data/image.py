@@ -61,7 +61,7 @@ class ImagePreprocessor:
 
     @classmethod
     def clip_default(cls, image_size: int, aspect_ratio: str = "crop") -> ImagePreprocessor:
-        from ..compat import CLIPImageProcessorPil  # the plain CLIPImageProcessor wants torchvision
+        from m2pt_fast.compat import CLIPImageProcessorPil  # the plain CLIPImageProcessor wants torchvision
 
         processor = CLIPImageProcessorPil(
             size={"shortest_edge": image_size},
@@ -73,7 +73,7 @@ class ImagePreprocessor:
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, image_size: int, aspect_ratio: str = "crop") -> ImagePreprocessor:
-        from ..compat import load_image_processor
+        from m2pt_fast.compat import load_image_processor
 
         config = Path(model_dir) / "preprocessor_config.json"
         if not config.is_file():

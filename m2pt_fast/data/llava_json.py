@@ -22,11 +22,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from m2pt_fast.data.conversation import IGNORE_INDEX, BadRecord, ConversationEncoder
+from m2pt_fast.data.image import ImagePreprocessor
+from m2pt_fast.data.synthetic import synthetic_record
 from m2pt_fast.errors import MissingInput, UserError
-
-from .conversation import IGNORE_INDEX, BadRecord, ConversationEncoder
-from .image import ImagePreprocessor
-from .synthetic import synthetic_record
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from .conversation import IMAGE_PLACEHOLDER
+from m2pt_fast.data.conversation import IMAGE_PLACEHOLDER
 
 CANVAS = 96  # pixels; the image processor resizes to the vision tower's size
 GRID = 3

@@ -8,10 +8,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from m2pt_fast.compat import cache_kwargs, causal_mask, layer_types, new_cache
 from m2pt_fast.errors import UserError
 from m2pt_fast.labels import IGNORE_INDEX
-
-from .compat import cache_kwargs, causal_mask, layer_types, new_cache
 
 
 def _with_prompts(hidden: torch.Tensor, prompts: torch.Tensor, replace: bool) -> torch.Tensor:

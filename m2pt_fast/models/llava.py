@@ -21,7 +21,7 @@ from transformers import (
 
 from m2pt_fast import compat
 from m2pt_fast.errors import MissingInput, UserError
-from m2pt_fast.layers import LinearProjector, default_dtype
+from m2pt_fast.models.layers import LinearProjector, default_dtype
 
 
 def _clip_vit_l14(image_size: int) -> CLIPVisionConfig:
@@ -193,7 +193,7 @@ def load_llava(
         the local CLIP directory `vision_tower` (or the config's mm_vision_tower);
       * the paper's assembly: a plain LLaMA/Vicuna directory + `vision_tower` + `pretrain_mm_mlp_adapter`
         (LLaVA's stage-1 mm_projector.bin or .safetensors).
-    The last two go through m2pt_fast.llava_original (its docstring says what the loader adds: an
+    The last two go through m2pt_fast.models.llava_original (its docstring says what the loader adds: an
     image token row in the input embeddings). mm_vision_select_layer / _feature override a config's.
     """
     import json
@@ -204,7 +204,7 @@ def load_llava(
                            "nothing is downloaded)")
     if not (path / "config.json").is_file():
         raise MissingInput(f"{str(path)!r} has no config.json: is it a transformers model directory?")
-    from m2pt_fast import llava_original
+    from m2pt_fast.models import llava_original
 
     config = json.loads((path / "config.json").read_text())
     if llava_original.checkpoint_layout(config, pretrain_mm_mlp_adapter) == "original":

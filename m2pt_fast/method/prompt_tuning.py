@@ -17,10 +17,9 @@ from transformers import CLIPVisionModel, PreTrainedModel, SiglipVisionModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from m2pt_fast.errors import UserError
-
-from .attention import route_attention
-from .generation import generate
-from .model import (
+from m2pt_fast.method.attention import route_attention
+from m2pt_fast.method.generation import generate
+from m2pt_fast.method.model import (
     M2PTConfig,
     M2PTOutput,
     PromptTuned,
@@ -127,5 +126,5 @@ class DeepTextPrompts(PromptTuned, nn.Module):
         return self.language_model.embed_tokens(input_ids)
 
     def generate(self, input_ids, max_new_tokens=32, **kwargs) -> torch.Tensor:
-        """transformers' generate, the prompt K/V as the prefix of its cache; see m2pt_fast.generation."""
+        """transformers' generate, the prompt K/V as the prefix of its cache; see m2pt_fast.method.generation."""
         return generate(self, input_ids, None, max_new_tokens, **kwargs)

@@ -306,9 +306,8 @@ def count_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
     same). On meta, `batch` is a function that makes it (inside the count, where integer meta
     tensors keep their values: token ids, masks, labels).
     """
+    from m2pt_fast.planning.meta_values import MetaValues
     from m2pt_kernels import _dispatch
-
-    from .meta_values import MetaValues
 
     device = next(model.parameters()).device
     on_meta = device.type == "meta"

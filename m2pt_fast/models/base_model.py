@@ -3,7 +3,7 @@
 The embedded default (no --model_name_or_path) is a tiny random LLaVA with a word-level tokenizer
 built from the synthetic set's vocabulary (and a LLaVA JSON's, when one is given): the same options
 give the same weights and vocabulary, so an output loads back onto it. A model directory is loaded
-from local files (transformers' layout, LLaVA's own, or the paper's assembly: m2pt_fast/llava_original.py).
+from local files (transformers' layout, LLaVA's own, or the paper's assembly: m2pt_fast/models/llava_original.py).
 """
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
-from m2pt_fast import llava_original
-from m2pt_fast.builders import build_llava, llava_config, load_llava
 from m2pt_fast.data import IMAGE, build_word_tokenizer, synthetic_texts, words_of
 from m2pt_fast.data.conversation import ASSISTANT, LLAVA_SYSTEM_PROMPT, SYSTEM_PROMPT, USER
-from m2pt_fast.quantize import load_quantized, quantize_model
+from m2pt_fast.models import llava_original
+from m2pt_fast.models.llava import build_llava, llava_config, load_llava
+from m2pt_fast.models.quantize import load_quantized, quantize_model
 
 EMBEDDED_SHAPE = "tiny"
 # Weight init of the embedded model's text side. With LLaMA's 0.02, a random frozen lm_head caps every

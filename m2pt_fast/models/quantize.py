@@ -227,7 +227,7 @@ def _parameters_on_meta():
             param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
         original(module, name, param)
 
-    from .compat import no_init_weights
+    from m2pt_fast.compat import no_init_weights
 
     nn.Module.register_parameter = register
     try:
@@ -248,10 +248,10 @@ def _empty_model(config_dict: dict, class_name: str | None = None) -> nn.Module:
                         "pass model_class='LlavaForConditionalGeneration'")
     with _parameters_on_meta():
         model = cls(config)
-        # LLaVA's own layout, loaded through m2pt_fast.llava_original and saved here: a linear projector,
+        # LLaVA's own layout, loaded through m2pt_fast.models.llava_original and saved here: a linear projector,
         # and an lm_head that keeps the original vocabulary's rows (the image token's row is input only)
         if getattr(config, "m2pt_linear_projector", False):
-            from .layers import LinearProjector
+            from m2pt_fast.models.layers import LinearProjector
 
             model.model.multi_modal_projector = LinearProjector(config.vision_config.hidden_size,
                                                                 config.text_config.hidden_size)

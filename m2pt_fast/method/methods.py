@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from m2pt_fast.errors import MissingInput, UserError
-from m2pt_fast.model import M2PTLlava, apply_m2pt
-from m2pt_fast.prompt_io import load_prompts, save_prompts
+from m2pt_fast.method.model import M2PTLlava, apply_m2pt
+from m2pt_fast.method.prompt_io import load_prompts, save_prompts
 
 METHODS = ("m2pt", "vpt", "text_pt", "lora", "full")
 PROMPT_METHODS = ("m2pt", "vpt", "text_pt")
@@ -104,7 +104,7 @@ def _register_nf4(config) -> None:
     any base layer with in_features/out_features (QLoRA on our 4-bit backbone)."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
-    from m2pt_fast.quantize import NF4Linear
+    from m2pt_fast.models.quantize import NF4Linear
 
     config._register_custom_module({NF4Linear: LoraLinear})
 
@@ -219,7 +219,7 @@ def load_output(llava, path: str | os.PathLike, method: str | None = None, **pro
         model = apply_m2pt(llava, 0, 0, tune_projector=False)
         model.method, model.peft_model = "lora", peft_model
         return model
-    from m2pt_fast.builders import load_llava
+    from m2pt_fast.models.llava import load_llava
 
     model = apply_m2pt(load_llava(str(path)), 0, 0, tune_projector=False)
     model.method = "full"

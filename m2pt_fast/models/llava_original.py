@@ -44,7 +44,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 from m2pt_fast.compat import no_init_weights
 from m2pt_fast.errors import UserError
-from m2pt_fast.layers import LinearProjector, default_dtype
+from m2pt_fast.models.layers import LinearProjector, default_dtype
 
 SELECT_FEATURES = {"patch": "default", "cls_patch": "full"}
 PROJECTOR_TYPES = ("linear", "mlp2x_gelu")
@@ -280,7 +280,7 @@ def load_original(
         projector_hidden_act="gelu", multimodal_projector_bias=True,
     )
     llava_config.m2pt_linear_projector = kind == "linear"
-    llava_config.m2pt_lm_head_rows = vocab  # saved with the config: m2pt_fast.quantize rebuilds this layout
+    llava_config.m2pt_lm_head_rows = vocab  # saved with the config: m2pt_fast.models.quantize rebuilds this layout
     dtype = dtype or torch.float32
     llava_config._attn_implementation = "sdpa"
     with torch.device(device), default_dtype(dtype), no_init_weights():
@@ -349,7 +349,7 @@ def load_original(
 def _set_nf4_layer(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Replace the nn.Linear `name` by an NF4Linear holding a bitsandbytes 4-bit weight's tensors
     (transformers' serialization: `weight` packed, `weight.*` statistics), keeping its bias."""
-    from m2pt_fast.quantize import NF4Linear
+    from m2pt_fast.models.quantize import NF4Linear
     from m2pt_kernels.nf4_format import NF4Weight
 
     if "weight.quant_state.bitsandbytes__nf4" not in tensors:

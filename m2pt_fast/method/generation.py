@@ -2,7 +2,7 @@
 
 The text prompts act on the decoded tokens only through every decoder layer's keys and values
 (docs/method.md), so decoding starts from a cache that already holds them: each layer's prompt K/V,
-computed once by that layer itself (m2pt_fast/fused.py: prompt_cache) and expanded over the batch.
+computed once by that layer itself (m2pt_fast/method/fused.py: prompt_cache) and expanded over the batch.
 transformers' generate then runs on the input embeddings (image features included, computed with
 the vision prompts), with the attention mask extended by the n prompt positions; it derives the
 positions from that mask, so text positions start at n and left padding is skipped, as in the
@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import torch
 
+from m2pt_fast.compat import cache_kwargs
 from m2pt_fast.errors import UserError
-
-from . import fused
-from .compat import cache_kwargs
+from m2pt_fast.method import fused
 
 
 def _check_left_padded(attention_mask: torch.Tensor) -> None:

@@ -12,9 +12,9 @@ The "reference" backend computes the reference form of docs/method.md, step by s
   n_t ones, positions shift by n_t, labels gain n_t × -100; before decoder layer j > 0 the prompt rows
   are overwritten with `text_prompts[j]`.
 It is the oracle every fast path is checked against, so it favours plainness over speed
-(m2pt_fast/reference.py). The "fused" backend computes the same function with the prompts as
-batch-shared prefix K/V inside the model's own attention (m2pt_fast/attention.py) and a loss over
-answer tokens only (m2pt_fast/fused.py).
+(m2pt_fast/method/reference.py). The "fused" backend computes the same function with the prompts as
+batch-shared prefix K/V inside the model's own attention (m2pt_fast/method/attention.py) and a loss over
+answer tokens only (m2pt_fast/method/fused.py).
 `backend` can be switched between calls on the same object.
 """
 from __future__ import annotations
@@ -29,13 +29,12 @@ from torch.utils.checkpoint import checkpoint
 from transformers import LlavaForConditionalGeneration
 from transformers.utils import ModelOutput
 
+from m2pt_fast.compat import Cache, GradientCheckpointingLayer, set_layer_checkpointing
 from m2pt_fast.errors import UserError
-
-from . import fused, reference
-from .attention import route_attention
-from .compat import Cache, GradientCheckpointingLayer, set_layer_checkpointing
-from .generation import generate
-from .lean import set_lean
+from m2pt_fast.method import fused, reference
+from m2pt_fast.method.attention import route_attention
+from m2pt_fast.method.generation import generate
+from m2pt_fast.method.lean_activations import set_lean
 
 BACKENDS = ("reference", "fused")
 
@@ -128,7 +127,7 @@ def _official_feature_layer(llava: LlavaForConditionalGeneration, indices: list[
 class PromptTuned:
     """What every deep-prompt model here shares: a `backend` attribute ("reference" or "fused") that
     can be switched between calls (the fused one also runs the frozen model's norms and MLP
-    activations through m2pt_fast.lean), and activation checkpointing of the frozen model's layers.
+    activations through m2pt_fast.method.lean_activations), and activation checkpointing of the frozen model's layers.
     Subclasses name that model in `frozen_model`."""
 
     frozen_model: nn.Module
@@ -150,7 +149,7 @@ class PromptTuned:
             raise UserError(f"backend must be one of {BACKENDS}, got {value!r}")
         self._backend = value
         frozen = getattr(self, "frozen_model", None)
-        if frozen is not None:  # the fused path's norms and activations save less (m2pt_fast/lean.py)
+        if frozen is not None:  # the fused path's norms and activations save less (lean_activations.py)
             set_lean(frozen, value == "fused")
 
 
@@ -364,7 +363,7 @@ class M2PTLlava(PromptTuned, nn.Module):
 
     # ----------------------------------------------------------------------------------- generation
     def generate(self, input_ids, pixel_values=None, max_new_tokens=32, **kwargs) -> torch.Tensor:
-        """transformers' generate, the prompt K/V as the prefix of its cache; see m2pt_fast.generation."""
+        """transformers' generate, the prompt K/V as the prefix of its cache; see m2pt_fast.method.generation."""
         return generate(self, input_ids, pixel_values, max_new_tokens, **kwargs)
 
 

@@ -6,7 +6,7 @@ Layout (other tools read it; documented in the README):
   projector.<name>      the projector's state_dict entries, when the projector is tuned
   lm_head.<name>        lm_head's state_dict entries, when lm_head is tuned
 Every tensor is fp32, whatever the model's dtype: after bf16 training the trainer passes the
-optimizer's fp32 master values (m2pt_fast/master_weights.py), and a bf16 tensor widens to fp32 exactly.
+optimizer's fp32 master values (m2pt_fast/training/master_weights.py), and a bf16 tensor widens to fp32 exactly.
 Metadata (strings): format="m2pt-prompts", format_version, the prompt counts, layer counts and
 widths, the vision feature layer(s) and selection strategy, which groups were tuned, and
 official_vision_features (the released code's feature selection; absent in older files: false).
@@ -60,7 +60,7 @@ def save_prompts(model, path: str | os.PathLike,
     """Write the tuned tensors of an M2PTLlava to `path` (safetensors, fp32). Returns the path.
 
     values: {parameter of `model`: the value to write in its place}, e.g. the optimizer's fp32
-    master copies of parameters trained in bf16 (m2pt_fast.master_weights.fp32_master_values).
+    master copies of parameters trained in bf16 (m2pt_fast.training.master_weights.fp32_master_values).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

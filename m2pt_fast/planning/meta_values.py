@@ -1,7 +1,7 @@
 """Meta tensors that answer the host's questions: values for integer and boolean tensors.
 
 Meta tensors carry shapes and dtypes but no memory and no values, so a model "runs" on them at full
-size on any machine: the memory planner (m2pt_fast.memory) and the work counts in bench/ run whole
+size on any machine: the memory planner (m2pt_fast.planning.memory) and the work counts in bench/ run whole
 training steps that way. Two things stop plain meta tensors, and `MetaValues` answers both:
 - values read on the host: `int()` / `bool()` / `.item()` of a tensor (the image-token count check,
   transformers' "is this mask all ones?" test, the fused path's padding check);

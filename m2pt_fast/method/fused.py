@@ -7,7 +7,7 @@ other tokens only through that layer's keys and values (docs/method.md). Per lay
 
 are computed once for the whole batch (n rows) by the layer itself, and the model's own layers then
 run on the sequence with the K/V handed to their attention as a batch-shared prefix
-(m2pt_fast/attention.py); sequence tokens keep positions n.. so the result equals the reference.
+(m2pt_fast/method/attention.py); sequence tokens keep positions n.. so the result equals the reference.
 Nothing of the frozen model is re-implemented or copied here: its norms, projections (dense or NF4),
 RoPE and checkpointing run as they are.
 
@@ -21,11 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from m2pt_fast.compat import Cache, new_cache
 from m2pt_fast.errors import UserError
 from m2pt_fast.labels import IGNORE_INDEX
-
-from .attention import PrefixContext, prefix_kv, run_layer
-from .compat import Cache, new_cache
+from m2pt_fast.method.attention import PrefixContext, prefix_kv, run_layer
 
 # The loss turns hidden states into logits a chunk of rows at a time, each chunk's fp32 logits about
 # LOSS_CHUNK_BYTES (2,093 rows at LLaMA's 32k vocabulary, 441 at Qwen's 152k): what a chunk holds in

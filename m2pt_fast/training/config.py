@@ -13,11 +13,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from m2pt_fast import llava_original
 from m2pt_fast.data.conversation import TEMPLATES
 from m2pt_fast.data.image import ASPECT_RATIOS
 from m2pt_fast.errors import UserError
-from m2pt_fast.methods import (
+from m2pt_fast.method.methods import (
     DEFAULT_LEARNING_RATES,
     LORA_TARGETS,
     METHODS,
@@ -27,7 +26,8 @@ from m2pt_fast.methods import (
     check_method,
     default_prompt_counts,
 )
-from m2pt_fast.reporting import parse_report_to
+from m2pt_fast.models import llava_original
+from m2pt_fast.training.reporting import parse_report_to
 
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 QUANTS = ("nf4", "bf16", "fp32")
@@ -39,7 +39,7 @@ EMBEDDED_LEARNING_RATE = 5e-3
 class TrainConfig:
     # --- model: a local LLaVA directory, or None for the embedded tiny LLaVA (random weights)
     model_name_or_path: str | None = None
-    # LLaVA's own layout / the paper's assembly (m2pt_fast/llava_original.py), LLaVA's option names
+    # LLaVA's own layout / the paper's assembly (m2pt_fast/models/llava_original.py), LLaVA's option names
     vision_tower: str | None = None
     pretrain_mm_mlp_adapter: str | None = None
     mm_vision_select_layer: int | None = None
@@ -52,7 +52,7 @@ class TrainConfig:
     version: str = "v1"  # LLaVA's conversation template: v1 (Vicuna v1), llava_v1, plain
     image_aspect_ratio: str | None = None  # crop or pad; None: the model config's (LLaVA's layout), else crop
     dataloader_num_workers: int = 2
-    # --- method (m2pt_fast/methods.py): M²PT or one of the paper's baselines
+    # --- method (m2pt_fast/method/methods.py): M²PT or one of the paper's baselines
     method: str = "m2pt"
     # --- prompts; None: the method's default (10 on each side it prompts, 0 on the others)
     num_vision_prompts: int | None = None
@@ -87,7 +87,7 @@ class TrainConfig:
     save_steps: int = 0  # 0: a checkpoint at the end of the run only
     save_total_limit: int = 2
     resume: bool = False
-    # HF Trainer's: none, tensorboard, wandb, several, or all (m2pt_fast/reporting.py); metrics.jsonl always
+    # HF Trainer's: none, tensorboard, wandb, several, or all (m2pt_fast/training/reporting.py); metrics.jsonl always
     report_to: str = "none"
     run_name: str | None = None  # wandb's run name (default: wandb's own)
     # --- distributed

@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from m2pt_fast.errors import UserError
-
-from .train_config import TrainConfig
+from m2pt_fast.training.config import TrainConfig
 
 # Used when no --ds_config is given: plain data parallel, every value from the command line.
 DEFAULT_DS_CONFIG: dict[str, Any] = {

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from m2pt_fast.errors import MissingInput, UserError
-from m2pt_fast.evaluation import MME_COGNITION, MME_PERCEPTION, POPE_SPLITS
+from m2pt_fast.evaluation.scorers import MME_COGNITION, MME_PERCEPTION, POPE_SPLITS
 
 M2PT_TASKS = ("cifar_10", "cifar_100", "mnist", "snli_ve_classification", "visual_spatial_reasoning", "text_vqa",
               "pope_adv", "pope_pop", "pope_rand")
