@@ -10,17 +10,25 @@ A kill during a save leaves the previous step-<k> untouched: the new one appears
 """
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import random
 import re
 import shutil
+import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
 
 from m2pt_fast.errors import UserError
+
+log = logging.getLogger(__name__)
 
 STATE_TAG = "state"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -82,8 +90,6 @@ def _load(path: Path):
         return None, f"{path.name} is empty"
     try:
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
             with safe_open(str(path), framework="pt") as f:
                 return {key: f.get_tensor(key) for key in f.keys()}, None
         return torch.load(path, map_location="cpu", weights_only=False), None
@@ -147,6 +153,160 @@ def remove_partial_checkpoints(output_dir: str | Path) -> None:
         shutil.rmtree(partial, ignore_errors=True)
 
 
+# What a failed write raises: OSError; RuntimeError from torch.save (a full disk, too); SafetensorError.
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+
+
+class WriteFailed(Exception):
+    """A checkpoint or the run's output could not be written (the message says what is kept, and where)."""
+
+
+def remove_path(path: Path) -> None:
+    """Delete a file or a directory, if there."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def replace_path(tmp: Path, path: Path) -> None:
+    """Rename `tmp` to `path` (a file, or a directory whose old copy goes first)."""
+    if tmp.is_dir() and path.exists():
+        remove_path(path)
+    os.replace(tmp, path)
+
+
+class Checkpointer:
+    """The run's checkpoints under <output_dir>/checkpoints: where a run starts, writing a step whole or
+    not at all, keeping the newest `keep`, and saying what is kept when a write fails.
+
+    output_name: the method's output each checkpoint holds besides DeepSpeed's state (None for full
+    fine-tuning, whose weights DeepSpeed's state holds already). first_bytes: about what a checkpoint
+    takes before any exists to measure. Every rank makes one; `start` and `save` are collectives.
+    """
+
+    def __init__(self, output_dir: Path, rank: int, world_size: int, device: torch.device,
+                 output_name: str | None, keep: int, first_bytes: int):
+        self.output_dir, self.rank, self.world_size, self.device = Path(output_dir), rank, world_size, device
+        self.output_name, self.keep, self.first_bytes = output_name, keep, first_bytes
+
+    def newest(self) -> tuple[int, Path] | None:
+        return newest_checkpoint(self.output_dir)
+
+    def output_at(self, step: int) -> Path | None:
+        """The method's output in checkpoint step-<step> (None where checkpoints hold none)."""
+        return final_dir(self.output_dir, step) / self.output_name if self.output_name else None
+
+    # ---------------------------------------------------------------------------------- finding
+    def start(self, resume: bool) -> tuple[int, Path] | None:
+        """Where this run starts: with `resume`, the newest intact checkpoint (step, path); without, None,
+        after a finished run's checkpoints are cleared (an unfinished run's are refused). Saves that never
+        finished are removed."""
+        found = self.newest()
+        start = None
+        if resume:
+            if found is None:
+                raise UserError(f"--resume: no complete checkpoint under {checkpoints_dir(self.output_dir)}; "
+                                "leave out --resume to start a new run")
+            start = self._intact()
+        elif found is not None and finished_run(self.output_dir):
+            # a finished run's outputs give way to a new run, as a directory without checkpoints always did
+            if self.rank == 0:
+                log.warning("%s holds a finished run (its final checkpoint is %s): starting a new run over it. To "
+                            "train that run further instead: --resume with a larger --max_steps", self.output_dir,
+                            found[1].name)
+                shutil.rmtree(checkpoints_dir(self.output_dir))
+            dist.barrier()
+        elif found is not None:
+            raise UserError(f"{self.output_dir} already holds checkpoints of an unfinished run: pass --resume to "
+                            "continue it, or give another --output_dir")
+        if self.rank == 0:
+            remove_partial_checkpoints(self.output_dir)  # left by a run killed while saving
+        return start
+
+    def _intact(self) -> tuple[int, Path]:
+        """The newest checkpoint that reads back in full; damaged newer ones are named and passed over."""
+        damaged = []
+        for step, path in reversed(complete_checkpoints(self.output_dir)):
+            problems = checkpoint_problems(path, self.world_size, self.output_name)
+            if not problems:
+                if damaged and self.rank == 0:
+                    log.warning("resuming from %s, the newest intact checkpoint", path)
+                return step, path
+            damaged.append(f"{path}: " + "; ".join(problems))
+            if self.rank == 0:
+                log.warning("checkpoint %s is damaged (%s): trying the one before it", path, "; ".join(problems))
+        raise UserError("--resume: every checkpoint is damaged:\n  " + "\n  ".join(damaged)
+                        + "\nleave out --resume (and move the checkpoints away) to start a new run")
+
+    # ---------------------------------------------------------------------------------- writing
+    def save(self, step: int, engine, client: dict, rng: dict, write_output: Callable[[Path], None]) -> Path:
+        """Write checkpoint step-<step>: DeepSpeed's state (with `client`), this rank's `rng` (rng_state()),
+        the run state, and the method's output through `write_output(path)` (a collective itself).
+
+        A failed write (a full disk, say) removes the partial directory and raises WriteFailed; the
+        previous checkpoint stays as it was, and the newest `keep` are kept."""
+        tmp = temporary_dir(self.output_dir, step)
+        # DeepSpeed's save is collective inside: a rank that fails part-way leaves the others waiting
+        # in it for ever. So every rank first checks there is room for a checkpoint, and all refuse
+        # together where one lacks it.
+        needed = self.needed_bytes()
+        free = shutil.disk_usage(self.output_dir).free
+        if not self._all_ranks(free >= needed):
+            raise WriteFailed(self.failure(f"checkpoint step-{step}", OSError(
+                f"a checkpoint needs about {needed / 2**20:.2f} MiB; not written")))
+        error = None
+        try:
+            if self.rank == 0:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+            dist.barrier()
+            engine.save_checkpoint(str(tmp), tag=STATE_TAG, client_state=client, save_latest=False,
+                                   exclude_frozen_parameters=True)
+            save_rng(tmp, self.rank, rng)
+            if self.rank == 0:
+                write_run_state(tmp, step, client["total_steps"])
+            if self.output_name:
+                write_output(tmp / self.output_name)
+        except WRITE_ERRORS as e:
+            error = e
+        if not self._all_ranks(error is None):
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise WriteFailed(self.failure(f"checkpoint step-{step}", error))
+        path = final_dir(self.output_dir, step)
+        if self.rank == 0:
+            publish(self.output_dir, step, keep=self.keep)
+            log.info("checkpoint %s", path)
+        dist.barrier()
+        return path
+
+    def needed_bytes(self) -> int:
+        """About what one checkpoint takes on disk: the newest one's size where there is one, else
+        first_bytes; with a margin of a quarter."""
+        found = self.newest()
+        size = sum(f.stat().st_size for f in found[1].rglob("*") if f.is_file()) if found else self.first_bytes
+        return int(size * 1.25)
+
+    def failure(self, what: str, error: BaseException | None) -> str:
+        """The message for `what` that could not be written: why, the room left, and what is kept."""
+        free = shutil.disk_usage(self.output_dir).free
+        # torch.save says "unexpected pos ..." where the disk filled up, not ENOSPC
+        full = getattr(error, "errno", None) == errno.ENOSPC or free < 64 * 2**20
+        found = self.newest()
+        kept = (f"the previous checkpoint {found[1]} is intact: make room, then --resume" if found
+                else "there is no earlier checkpoint")
+        return (f"could not write {what} under {self.output_dir}" + (": the disk is full" if full else "")
+                + f" ({error}; {free / 2**20:.2f} MiB free there); {kept}")
+
+    def _all_ranks(self, ok: bool) -> bool:
+        """True when `ok` holds on every rank (a collective; NCCL reduces CUDA tensors only)."""
+        flag = torch.tensor([float(ok)], device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+
 def rng_state() -> dict:
     # CUDA: the current device's generator only. Each rank draws on its own GPU (the trainer sets it
     # from LOCAL_RANK), and every visible GPU's state would not restore on a machine with fewer GPUs.
@@ -201,10 +361,8 @@ class OutputDirLock:
         self.held = False
 
     def acquire(self) -> str | None:
-        """Take the lock; returns a note when a dead run's lock was taken over. Raises ValueError when a
+        """Take the lock; returns a note when a dead run's lock was taken over. Raises UserError when a
         live run holds it."""
-        import socket
-
         note = None
         me = {"pid": os.getpid(), "host": socket.gethostname()}
         for _ in range(2):

@@ -22,14 +22,15 @@ import os
 import shutil
 import socket
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from m2pt_fast import compat, trainable_report
 from m2pt_fast.data import (
@@ -48,23 +49,18 @@ from m2pt_fast.errors import UserError
 from m2pt_fast.method import model as m2pt_model
 from m2pt_fast.method.methods import OUTPUT_NAMES, apply_method, check_method, save_output, trainable_parameters
 from m2pt_fast.models.base_model import load_base
+from m2pt_fast.planning import plan
 from m2pt_fast.training.checkpoints import (
     STATE_TAG,
+    WRITE_ERRORS,
+    Checkpointer,
     OutputDirLock,
-    checkpoint_problems,
-    checkpoints_dir,
-    complete_checkpoints,
-    final_dir,
-    finished_run,
+    WriteFailed,
     load_rng,
-    newest_checkpoint,
-    publish,
-    remove_partial_checkpoints,
+    remove_path,
+    replace_path,
     rng_state,
-    save_rng,
-    temporary_dir,
     truncate_metrics,
-    write_run_state,
 )
 from m2pt_fast.training.config import TrainConfig, parse_args, to_dict
 from m2pt_fast.training.ds_config import load_ds_config, offloads_optimizer, resolve_ds_config, zero_stage
@@ -89,7 +85,7 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, kind: str) -> 
 def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_allocated"
-    import resource
+    import resource  # Unix only: imported where the CPU's peak is asked for
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_rss"  # ru_maxrss is KiB on Linux
 
@@ -102,14 +98,6 @@ def _free_port() -> int:
 
 class NonFiniteLoss(RuntimeError):
     pass
-
-
-# What a failed write raises: OSError; RuntimeError from torch.save; SafetensorError from safetensors.
-WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
-
-
-class WriteFailed(Exception):
-    """A checkpoint or the prompt file could not be written (the message says what is kept, and where)."""
 
 
 class M2PTRecipe:
@@ -186,9 +174,6 @@ class M2PTRecipe:
         self.zero_stage = zero_stage(self.ds_config)
         check_method(cfg.method, cfg.num_vision_prompts, cfg.num_text_prompts, quant=self.quant,
                      tune_lm_head=cfg.tune_lm_head)
-        # what each checkpoint holds besides DeepSpeed's state: the method's output, but a whole
-        # model's (full fine-tuning: DeepSpeed's state holds those weights already)
-        self.checkpoint_output = None if cfg.method == "full" else OUTPUT_NAMES[cfg.method]
 
     def base_llava(self):
         """The frozen LLaVA this run starts from, built or loaded as the options say (sets self.tokenizer).
@@ -224,8 +209,6 @@ class M2PTRecipe:
         """The planner's count (m2pt_fast.plan) for this run's model and options, on meta: seconds.
         Samples are taken as long as the data's longest, as many labelled as its most (--data_path),
         or --model_max_length tokens, every text token labelled (the embedded set)."""
-        from m2pt_fast.planning import plan
-
         cfg = self.cfg
         tokens, answers = self.longest_sample or (cfg.model_max_length, None)
         report, extra = plan.estimate_run(
@@ -328,26 +311,20 @@ class M2PTRecipe:
     def _setup_outputs(self) -> None:
         cfg = self.cfg
         self.metrics_path = self.output_dir / "metrics.jsonl"
-        found = newest_checkpoint(self.output_dir)
-        if cfg.resume:
-            if found is None:
-                raise UserError(f"--resume: no complete checkpoint under {self.output_dir}/checkpoints; leave out "
-                                "--resume to start a new run")
-            self._resume(*self._intact_checkpoint())
-        elif found is not None and finished_run(self.output_dir):
-            # a finished run's outputs give way to a new run, as a directory without checkpoints always did
-            if self.rank == 0:
-                log.warning("%s holds a finished run (its final checkpoint is %s): starting a new run over it. To "
-                            "train that run further instead: --resume with a larger --max_steps", self.output_dir,
-                            found[1].name)
-                shutil.rmtree(checkpoints_dir(self.output_dir))
-            dist.barrier()
-        elif found is not None:
-            raise UserError(f"{self.output_dir} already holds checkpoints of an unfinished run: pass --resume to "
-                            "continue it, or give another --output_dir")
+        # what each checkpoint holds besides DeepSpeed's state: the method's output, but a whole
+        # model's (full fine-tuning: DeepSpeed's state holds those weights already). Before the first
+        # checkpoint, one is about the tuned tensors with their optimizer state (fp32 value, Adam's two
+        # moments; bf16 adds a master copy) and DeepSpeed's helper scripts.
+        tuned = sum(p.numel() for p in trainable_parameters(self.model))
+        self.checkpointer = Checkpointer(
+            self.output_dir, self.rank, self.world_size, self.device,
+            output_name=None if cfg.method == "full" else OUTPUT_NAMES[cfg.method], keep=cfg.save_total_limit,
+            first_bytes=tuned * (16 if self.bf16 else 12) + 128 * 2**10)
+        start = self.checkpointer.start(cfg.resume)
+        if start is not None:
+            self._resume(*start)
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            remove_partial_checkpoints(self.output_dir)  # left by a run killed while saving
             if not cfg.resume:
                 self.metrics_path.write_text("")
             run = {"config": to_dict(cfg), "deepspeed": self.ds_config, "world_size": self.world_size,
@@ -361,21 +338,6 @@ class M2PTRecipe:
             for where in self.report.locations:
                 log.info("reporting to %s", where)
         dist.barrier()
-
-    def _intact_checkpoint(self) -> tuple[int, Path]:
-        """The newest checkpoint that reads back in full; damaged newer ones are named and passed over."""
-        damaged = []
-        for step, path in reversed(complete_checkpoints(self.output_dir)):
-            problems = checkpoint_problems(path, self.world_size, self.checkpoint_output)
-            if not problems:
-                if damaged and self.rank == 0:
-                    log.warning("resuming from %s, the newest intact checkpoint", path)
-                return step, path
-            damaged.append(f"{path}: " + "; ".join(problems))
-            if self.rank == 0:
-                log.warning("checkpoint %s is damaged (%s): trying the one before it", path, "; ".join(problems))
-        raise UserError("--resume: every checkpoint is damaged:\n  " + "\n  ".join(damaged)
-                        + "\nleave out --resume (and move the checkpoints away) to start a new run")
 
     def _run_signature(self) -> dict:
         """What must match for a checkpoint to continue this run bit for bit."""
@@ -436,16 +398,8 @@ class M2PTRecipe:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
-    def _all_ranks(self, ok: bool) -> bool:
-        """True when `ok` holds on every rank (a collective)."""
-        flag = torch.tensor([float(ok)], device=self.device if self.device.type == "cuda" else "cpu")
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
-
     def train(self) -> int:
         """Train to the last step; returns the process exit code (0, or 1 after a non-finite loss)."""
-        from tqdm import tqdm
-
         cfg, engine = self.cfg, self.engine
         accumulation = cfg.gradient_accumulation_steps
         epoch, step_in_epoch = divmod(self.global_step, self.steps_per_epoch)
@@ -511,7 +465,7 @@ class M2PTRecipe:
             progress.close()
             return 1
         except NonFiniteLoss as e:
-            found = newest_checkpoint(self.output_dir)
+            found = self.checkpointer.newest()
             if self.rank == 0:
                 if found:
                     log.error("%s: stopping; the last good checkpoint is %s (the loss after it was finite). "
@@ -523,8 +477,7 @@ class M2PTRecipe:
             return 1
         progress.close()
         try:
-            copy_of = final_dir(self.output_dir, self.global_step) / self.checkpoint_output \
-                if ended_with_checkpoint and self.checkpoint_output else None
+            copy_of = self.checkpointer.output_at(self.global_step) if ended_with_checkpoint else None
             self._save_final(copy_of)
         except WriteFailed as e:
             if self.rank == 0:
@@ -588,9 +541,9 @@ class M2PTRecipe:
         tmp = path.with_name(f".tmp-{path.name}")
         if copy_of is not None:
             if self.rank == 0:
-                _remove(tmp)
+                remove_path(tmp)
                 (shutil.copytree if copy_of.is_dir() else shutil.copyfile)(copy_of, tmp)
-                _replace(tmp, path)
+                replace_path(tmp, path)
             return
         with self._gathered_tuned():
             values = {}
@@ -598,85 +551,23 @@ class M2PTRecipe:
                 tuned = trainable_parameters(self.model)
                 values = fp32_master_values(self.optimizer, tuned)
             if self.rank == 0:
-                _remove(tmp)
+                remove_path(tmp)
                 save_output(self.model, tmp, values, tokenizer=self.tokenizer, processor_dir=self.cfg.processor_dir)
-                _replace(tmp, path)
-
-    def _write_failure(self, what: str, error: BaseException | None) -> str:
-        import errno
-
-        free = shutil.disk_usage(self.output_dir).free
-        # torch.save says "unexpected pos ..." where the disk filled up, not ENOSPC
-        full = getattr(error, "errno", None) == errno.ENOSPC or free < 64 * 2**20
-        found = newest_checkpoint(self.output_dir)
-        kept = (f"the previous checkpoint {found[1]} is intact: make room, then --resume" if found
-                else "there is no earlier checkpoint")
-        return (f"could not write {what} under {self.output_dir}" + (": the disk is full" if full else "")
-                + f" ({error}; {free / 2**20:.2f} MiB free there); {kept}")
-
-    def _checkpoint_bytes(self) -> int:
-        """About what one checkpoint takes on disk: the newest one's size where there is one, else the
-        tuned tensors with their optimizer state (fp32 value, Adam's two moments; bf16 adds a master
-        copy), and DeepSpeed's helper scripts; with a margin of a quarter."""
-        found = newest_checkpoint(self.output_dir)
-        if found is not None:
-            size = sum(f.stat().st_size for f in found[1].rglob("*") if f.is_file())
-        else:
-            tuned = sum(p.numel() for p in trainable_parameters(self.model))
-            size = tuned * (16 if self.bf16 else 12) + 128 * 2**10
-        return int(size * 1.25)
+                replace_path(tmp, path)
 
     def _save_checkpoint(self, rng: dict) -> None:
-        """Write checkpoint step-<global_step>; rng: the RNG state to restore on resume (rng_state()).
-
-        A failed write (a full disk, say) removes the partial directory and raises WriteFailed; the
-        previous checkpoint stays as it was."""
+        """Checkpoint step-<global_step>; rng: the RNG state to restore on resume (rng_state())."""
         step = self.global_step
-        tmp = temporary_dir(self.output_dir, step)
-        # DeepSpeed's save is collective inside: a rank that fails part-way leaves the others waiting
-        # in it for ever. So every rank first checks there is room for a checkpoint, and all refuse
-        # together where one lacks it.
-        needed = self._checkpoint_bytes()
-        free = shutil.disk_usage(self.output_dir).free
-        if not self._all_ranks(free >= needed):
-            raise WriteFailed(self._write_failure(
-                f"checkpoint step-{step}",
-                OSError(f"a checkpoint needs about {needed / 2**20:.2f} MiB; not written")))
-        error = None
-        try:
-            if self.rank == 0:
-                if tmp.exists():
-                    shutil.rmtree(tmp)
-                tmp.mkdir(parents=True)
-            dist.barrier()
-            epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
-            client = {"step": step, "signature": self._run_signature(),  # the data position: where the next step reads
-                      "epoch": epoch, "micro_batch_in_epoch": step_in_epoch * self.cfg.gradient_accumulation_steps,
-                      "total_steps": self.total_steps, "warmup_steps": self.warmup_steps}
-            self.engine.save_checkpoint(str(tmp), tag=STATE_TAG, client_state=client, save_latest=False,
-                                        exclude_frozen_parameters=True)
-            save_rng(tmp, self.rank, rng)
-            if self.rank == 0:
-                write_run_state(tmp, step, self.total_steps)
-            if self.checkpoint_output:
-                self._write_output(tmp / self.checkpoint_output)
-        except WRITE_ERRORS as e:  # torch.save reports a full disk as a RuntimeError
-            error = e
-        if not self._all_ranks(error is None):
-            if self.rank == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise WriteFailed(self._write_failure(f"checkpoint step-{step}", error))
-        if self.rank == 0:
-            path = publish(self.output_dir, step, keep=self.cfg.save_total_limit)
-            log.info("checkpoint %s", path)
-        dist.barrier()
+        epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
+        client = {"step": step, "signature": self._run_signature(),  # the data position: where the next step reads
+                  "epoch": epoch, "micro_batch_in_epoch": step_in_epoch * self.cfg.gradient_accumulation_steps,
+                  "total_steps": self.total_steps, "warmup_steps": self.warmup_steps}
+        self.checkpointer.save(step, self.engine, client, rng, self._write_output)
 
     def _save_final(self, copy_of: Path | None = None) -> None:
         """The prompt file (a copy of `copy_of`, the final checkpoint's, where given); where it cannot be
         written (a full disk), it goes to the system's temporary directory instead, so that a run
         without checkpoints is not lost, and WriteFailed says where."""
-        import tempfile
-
         path = self.output_dir / OUTPUT_NAMES[self.cfg.method]
         try:
             self._write_output(path, copy_of)
@@ -685,8 +576,9 @@ class M2PTRecipe:
             try:
                 self._write_output(fallback, copy_of)
             except WRITE_ERRORS as second:
-                raise WriteFailed(self._write_failure("the prompt file", e) + f"; nor to {fallback}: {second}") from e
-            raise WriteFailed(self._write_failure("the prompt file", e)
+                raise WriteFailed(self.checkpointer.failure("the prompt file", e)
+                                  + f"; nor to {fallback}: {second}") from e
+            raise WriteFailed(self.checkpointer.failure("the prompt file", e)
                               + f"; the trained prompts were written to {fallback} instead") from e
         if self.rank == 0:
             last = self.metrics_path.read_text().splitlines()[-1:]
@@ -700,20 +592,6 @@ class M2PTRecipe:
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def _replace(tmp: Path, path: Path) -> None:
-    """Rename `tmp` to `path` (a file, or a directory whose old copy goes first)."""
-    if tmp.is_dir() and path.exists():
-        _remove(path)
-    os.replace(tmp, path)
 
 
 def _check_writable(output_dir: Path) -> None:
