@@ -17,14 +17,18 @@ What moved, and when:
   MLPs, attention) with kernels fetched from the hub, the very classes our attention route and lean
   modules recognise. `from_pretrained` here always passes `use_kernels=False`, which every supported
   release takes (5.17 through 5.24 default it to False).
+- 5.24 deprecates `is_gradient_checkpointing` (FutureWarning), which PEFT asks for while it wraps a
+  model; `peft_wrapping` silences that one warning.
 - Some releases build an image processor directory's default (torchvision) class in
   `AutoImageProcessor` and fail without torchvision; the PIL class of the same name reads the same
   config (`load_image_processor`).
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -48,6 +52,7 @@ __all__ = [
     "load_image_processor",
     "new_cache",
     "no_init_weights",
+    "peft_wrapping",
     "rotate_half",
     "set_layer_checkpointing",
 ]
@@ -114,6 +119,15 @@ def load_image_processor(model_dir: str):
         if pil_class is None:
             raise
         return pil_class.from_pretrained(model_dir, local_files_only=True)
+
+
+@contextlib.contextmanager
+def peft_wrapping():
+    """Around PEFT's wrapping of a model: without transformers' deprecation of is_gradient_checkpointing
+    (5.24 on), which PEFT reads."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def deepspeed_cpu_comm_without_shm() -> None:

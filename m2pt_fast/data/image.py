@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from m2pt_fast.compat import CLIPImageProcessorPil, load_image_processor
 from m2pt_fast.errors import MissingInput, UserError
 
 # CLIP's normalisation (openai/clip-vit-*): what LLaVA's vision tower was trained with.
@@ -61,9 +62,7 @@ class ImagePreprocessor:
 
     @classmethod
     def clip_default(cls, image_size: int, aspect_ratio: str = "crop") -> ImagePreprocessor:
-        from m2pt_fast.compat import CLIPImageProcessorPil  # the plain CLIPImageProcessor wants torchvision
-
-        processor = CLIPImageProcessorPil(
+        processor = CLIPImageProcessorPil(  # the PIL one: the plain CLIPImageProcessor wants torchvision
             size={"shortest_edge": image_size},
             crop_size={"height": image_size, "width": image_size},
             image_mean=list(CLIP_MEAN),
@@ -73,8 +72,6 @@ class ImagePreprocessor:
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, image_size: int, aspect_ratio: str = "crop") -> ImagePreprocessor:
-        from m2pt_fast.compat import load_image_processor
-
         config = Path(model_dir) / "preprocessor_config.json"
         if not config.is_file():
             raise MissingInput(

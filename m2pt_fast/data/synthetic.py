@@ -9,7 +9,9 @@ Records have the LLaVA layout, with the PIL image itself in place of a file name
 """
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw
@@ -181,9 +183,6 @@ def write_llava_json(directory, num_samples: int, seed: int = 0) -> tuple[str, s
 
     For trying the file-based data path (and its tests) without any download.
     """
-    import json
-    from pathlib import Path
-
     directory = Path(directory)
     images = directory / "images"
     images.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from m2pt_fast.data import held_out_record, synthetic_record
+from m2pt_fast.data.conversation import IMAGE_PLACEHOLDER
 from m2pt_fast.errors import MissingInput, UserError
 from m2pt_fast.evaluation.scorers import MME_COGNITION, MME_PERCEPTION, POPE_SPLITS
 
@@ -262,9 +264,6 @@ def load_snli_ve(data_dir: Path, image_folder: Path, report: LoadReport) -> list
 
 
 def load_synthetic(seed: int, count: int = SYNTHETIC_QUESTIONS) -> list[Question]:
-    from m2pt_fast.data import held_out_record, synthetic_record
-    from m2pt_fast.data.conversation import IMAGE_PLACEHOLDER
-
     questions = []
     for k in range(count):
         record = synthetic_record(seed, SYNTHETIC_FIRST_INDEX + k)

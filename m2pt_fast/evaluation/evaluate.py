@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -28,6 +30,9 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
 
 from m2pt_fast.data import ConversationEncoder, ImagePreprocessor
 from m2pt_fast.data.conversation import TEMPLATES
@@ -39,6 +44,7 @@ from m2pt_fast.evaluation.benchmark_files import (
     load_benchmark,
     load_llava_questions,
 )
+from m2pt_fast.evaluation.judge import Judge
 from m2pt_fast.evaluation.scorers import choice_correct, mm_avg, mme_scores, pope_scores, vqa_accuracy
 from m2pt_fast.method.methods import OUTPUT_NAMES, apply_method, load_output
 from m2pt_fast.models.base_model import load_base
@@ -128,9 +134,6 @@ def load_model(args, device: torch.device):
 def answer(model, tokenizer, encoder, preprocess, questions: list[Question], batch_size: int, max_new_tokens: int,
            device: torch.device, progress: bool = True) -> list[str]:
     """Greedy answers to `questions`, `batch_size` at a time (left-padded)."""
-    from PIL import Image
-    from tqdm import tqdm
-
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     answers: list[str] = []
     bar = tqdm(total=len(questions), desc="evaluate", unit="q", disable=not progress, dynamic_ncols=True)
@@ -216,7 +219,6 @@ def _distributed() -> tuple[int, int, torch.device]:
     device = torch.device("cuda", local % torch.cuda.device_count()) if cuda else torch.device("cpu")
     if world == 1:
         return 0, 1, device
-    import torch.distributed as dist
 
     if cuda:
         torch.cuda.set_device(device)
@@ -228,7 +230,6 @@ def _gather(items: list, rank: int, world: int) -> list:
     """Every rank's `items` on every rank, in rank order (a collective)."""
     if world == 1:
         return [items]
-    import torch.distributed as dist
 
     gathered: list = [None] * world
     dist.all_gather_object(gathered, items)
@@ -249,8 +250,6 @@ def evaluate(args) -> dict:
         return _evaluate(args, rank, world, device)
     finally:
         if world > 1:
-            import torch.distributed as dist
-
             dist.barrier()
             dist.destroy_process_group()
 
@@ -333,10 +332,6 @@ def _held_out_average(benchmarks: dict, key: str) -> float | None:
 
 def _judge(path: str, device: torch.device, answered: dict, benchmarks: dict, batch_size: int) -> None:
     """judge_accuracy for every answered benchmark with references (MME is scored by its own rule)."""
-    import gc
-
-    from m2pt_fast.evaluation.judge import Judge
-
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -395,7 +390,6 @@ def compare(eval_dirs: list[str], output_dir: str) -> str:
     except ImportError:
         log.warning("matplotlib is not installed: compare.md only, no radar plot (pip install matplotlib)")
         return table
-    import math
 
     names = [n for n in names if any(n in s["benchmarks"] and headline(n, s["benchmarks"][n]) is not None
                                      for _, s in runs)]  # unscored question files have no axis

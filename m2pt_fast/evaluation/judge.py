@@ -10,9 +10,12 @@ whose first word is "yes" is a correct answer, anything else is not. Local files
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from m2pt_fast import compat
 from m2pt_fast.data.conversation import ASSISTANT, SYSTEM_PROMPT, USER
 from m2pt_fast.errors import UserError
 
@@ -40,12 +43,6 @@ class Judge:
     """A causal LM from a local directory that rules on (question, reference, prediction) triples."""
 
     def __init__(self, path: str, device: torch.device, dtype: torch.dtype | None = None):
-        from pathlib import Path
-
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from m2pt_fast import compat
-
         if not (Path(path) / "config.json").is_file():
             raise UserError(f"--judge_model_name_or_path {path}: no config.json there (a local causal LM "
                             "directory, e.g. vicuna-13b-v1.5; nothing is downloaded)")

@@ -14,11 +14,11 @@ at "m2pt_prefix"; the function registered under that name then
   biases, RoPE, q/k norms), and nothing after attention runs. The prompt rows' queries are computed
   and unused: n × d × d_q per layer, 11 GFLOP of a 220 TFLOP LLaVA-1.5-7B step (0.005%; README).
 
-Some attention modules do not pass the forward's keyword arguments on (SiglipAttention in
-transformers 5.17-5.24). `run_layer` therefore also sets the context in a context variable, read
-where the keyword is missing, and checkpoints the layer itself so that the recompute runs inside the
-context too. A forward that leaves a prefix unused raises (`PrefixContext.check_used`) rather than
-silently computing without prompts.
+Some layers do not pass the forward's keyword arguments on to their attention (SigLIP's before
+transformers 5.25; InternVL's vision layers, whose forward takes none). `run_layer` therefore also
+sets the context in a context variable, read where the keyword is missing, and checkpoints the
+layer itself so that the recompute runs inside the context too. A forward that leaves a prefix
+unused raises (`PrefixContext.check_used`) rather than silently computing without prompts.
 
 So the model's own layers, norms, RoPE, checkpointing and NF4 modules run unchanged in the fused
 backend; only attention sees the prefix.

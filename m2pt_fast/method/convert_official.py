@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from m2pt_fast.errors import UserError
 from m2pt_fast.method.prompt_io import FORMAT, FORMAT_VERSION
@@ -82,7 +83,6 @@ def convert(checkpoint: str | Path, out: str | Path) -> Path:
         "tune_projector": "true", "tune_lm_head": str(lm_head is not None).lower(),
         "official_vision_features": "true", "converted_from": str(checkpoint),
     }
-    from safetensors.torch import save_file
 
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out), metadata=metadata)

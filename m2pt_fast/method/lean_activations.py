@@ -26,6 +26,10 @@ import types
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.activations import QuickGELUActivation
+from transformers.models.clip.modeling_clip import CLIPMLP
+from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -117,11 +121,6 @@ def _is_silu(act) -> bool:
 @functools.cache
 def _known() -> dict:
     """{module class: (does this instance compute what the lean forward does?, the lean forward)}."""
-    from transformers.activations import QuickGELUActivation
-    from transformers.models.clip.modeling_clip import CLIPMLP
-    from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
-    from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP, Qwen2RMSNorm
-
     def always(module):
         return True
 

@@ -15,16 +15,20 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
+from m2pt_fast import compat
 from m2pt_fast.errors import MissingInput, UserError
 from m2pt_fast.method.model import M2PTLlava, apply_m2pt
 from m2pt_fast.method.prompt_io import load_prompts, save_prompts
+from m2pt_fast.models.llava import load_llava
+from m2pt_fast.models.quantize import NF4Linear
 
 METHODS = ("m2pt", "vpt", "text_pt", "lora", "full")
 PROMPT_METHODS = ("m2pt", "vpt", "text_pt")
@@ -104,8 +108,6 @@ def _register_nf4(config) -> None:
     any base layer with in_features/out_features (QLoRA on our 4-bit backbone)."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
-    from m2pt_fast.models.quantize import NF4Linear
-
     config._register_custom_module({NF4Linear: LoraLinear})
 
 
@@ -121,9 +123,7 @@ def apply_method(llava, method: str, *, num_vision_prompts: int = 0, num_text_pr
     if method in ("lora", "full"):
         backend = "reference"  # no prompts: the reference forward is LLaVA's own
     model = apply_m2pt(llava, num_vision_prompts, num_text_prompts, tune_projector=tune_projector,
-                       tune_lm_head=tune_lm_head, backend=backend)
-    model.method = method
-    model.peft_model = None
+                       tune_lm_head=tune_lm_head, backend=backend, method=method)
     if method == "full":
         model.language_model.requires_grad_(True)
         model.llava.lm_head.requires_grad_(True)
@@ -134,9 +134,7 @@ def apply_method(llava, method: str, *, num_vision_prompts: int = 0, num_text_pr
         _register_nf4(config)
         # get_peft_model changes the LLaVA in place (model.llava stays the module that runs) and leaves
         # only the LoRA matrices and the modules_to_save copy of the projector trainable
-        with warnings.catch_warnings():
-            # PEFT asks transformers (5.24) for is_gradient_checkpointing, which it has deprecated
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        with compat.peft_wrapping():
             model.peft_model = get_peft_model(llava, config)
         device = model.vision_prompts.device  # PEFT cannot always tell an NF4 layer's device
         for name, param in llava.named_parameters():
@@ -158,7 +156,7 @@ def save_output(model: M2PTLlava, path: str | os.PathLike, values=None, *, token
     values: {parameter: value to write instead}, e.g. the optimizer's fp32 masters after bf16 training.
     """
     path = Path(path)
-    method = getattr(model, "method", "m2pt")
+    method = model.method
     if method in PROMPT_METHODS:
         return save_prompts(model, path, values)
     state = {name: (values or {}).get(p, p).detach().cpu() for name, p in model.llava.named_parameters()
@@ -172,8 +170,6 @@ def save_output(model: M2PTLlava, path: str | os.PathLike, values=None, *, token
         if tokenizer is not None:
             tokenizer.save_pretrained(str(path))
         if processor_dir and (Path(processor_dir) / "preprocessor_config.json").is_file():
-            import shutil
-
             shutil.copyfile(Path(processor_dir) / "preprocessor_config.json", path / "preprocessor_config.json")
     (path / "m2pt_method.json").write_text(json.dumps({"method": method}) + "\n")
     return path
@@ -197,16 +193,14 @@ def load_output(llava, path: str | os.PathLike, method: str | None = None, **pro
         marker = path / "m2pt_method.json" if path.is_dir() else None
         method = json.loads(marker.read_text())["method"] if marker and marker.is_file() else "m2pt"
     if method in PROMPT_METHODS:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         model = apply_m2pt(llava, int(meta.get("num_vision_prompts", 0)), int(meta.get("num_text_prompts", 0)),
                            tune_projector=meta.get("tune_projector") == "true",
                            tune_lm_head=meta.get("tune_lm_head") == "true",
-                           official_vision_features=meta.get("official_vision_features") == "true", **prompt_counts)
+                           official_vision_features=meta.get("official_vision_features") == "true", method=method,
+                           **prompt_counts)
         load_prompts(model, path)
-        model.method = method
         return model
     if method == "lora":
         from peft import LoraConfig, PeftModel
@@ -216,11 +210,8 @@ def load_output(llava, path: str | os.PathLike, method: str | None = None, **pro
         config = LoraConfig.from_pretrained(str(path))
         _register_nf4(config)
         peft_model = PeftModel.from_pretrained(llava, str(path), config=config, is_trainable=False)
-        model = apply_m2pt(llava, 0, 0, tune_projector=False)
-        model.method, model.peft_model = "lora", peft_model
+        model = apply_m2pt(llava, 0, 0, tune_projector=False, method="lora")
+        model.peft_model = peft_model
         return model
-    from m2pt_fast.models.llava import load_llava
 
-    model = apply_m2pt(load_llava(str(path)), 0, 0, tune_projector=False)
-    model.method = "full"
-    return model
+    return apply_m2pt(load_llava(str(path)), 0, 0, tune_projector=False, method="full")

@@ -50,6 +50,9 @@ class M2PTConfig:
     # The released M²PT code's vision feature selection instead of the method's (docs/method.md):
     # for converted official prompts. Off by default.
     official_vision_features: bool = False
+    # Which of the paper's methods this model trains as (method/methods.py: apply_method checks it and
+    # sets what trains; save_output writes that method's output).
+    method: str = "m2pt"
 
     def __post_init__(self):
         for name in ("num_vision_prompts", "num_text_prompts"):
@@ -194,6 +197,9 @@ class M2PTLlava(PromptTuned, nn.Module):
                             f"got {type(llava).__name__}")
         self.llava = llava
         self.m2pt_config = config
+        # under --method lora: the PeftModel around self.llava (methods.apply_method makes it; it saves
+        # the adapter directory)
+        self.peft_model = None
         self.backend = backend
         route_attention(llava)  # the fused backend's prefix K/V go through transformers' attention interface
 
@@ -221,6 +227,10 @@ class M2PTLlava(PromptTuned, nn.Module):
         xavier_uniform_per_layer(self.vision_prompts)
         xavier_uniform_per_layer(self.text_prompts)
         self._set_trainable()
+
+    @property
+    def method(self) -> str:
+        return self.m2pt_config.method
 
     # ----------------------------------------------------------------------------------------- setup
     def _add_prompts(self, name: str, prompts: torch.Tensor) -> None:
@@ -399,11 +409,14 @@ def apply_m2pt(
     tune_lm_head: bool = False,
     backend: str = "reference",
     official_vision_features: bool = False,
+    method: str = "m2pt",
 ) -> M2PTLlava:
     """Wrap a transformers LLaVA for M²PT: deep prompts in every vision and decoder layer, a trainable
     projector, everything else frozen. The LLaVA's weights are shared with the returned model.
 
     official_vision_features: select vision features as the released M²PT code does (for prompts
-    converted from its checkpoints; docs/method.md), not as the method describes."""
-    config = M2PTConfig(num_vision_prompts, num_text_prompts, tune_projector, tune_lm_head, official_vision_features)
+    converted from its checkpoints; docs/method.md), not as the method describes. method: the paper's
+    method this model is trained as (methods.apply_method gives it)."""
+    config = M2PTConfig(num_vision_prompts, num_text_prompts, tune_projector, tune_lm_head, official_vision_features,
+                        method)
     return M2PTLlava(model, config, backend=backend)

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
 from m2pt_fast.data import IMAGE, build_word_tokenizer, synthetic_texts, words_of
 from m2pt_fast.data.conversation import ASSISTANT, LLAVA_SYSTEM_PROMPT, SYSTEM_PROMPT, USER
@@ -62,7 +63,6 @@ def load_base(cfg, device: torch.device, bf16: bool, quant: str):
         if quant == "nf4":
             quantize_model(llava)
         return llava, tokenizer
-    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, local_files_only=True)
     if tokenizer.pad_token_id is None:

@@ -6,6 +6,7 @@ through host memory), or not at all on the `meta` device.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from transformers import (
 
 from m2pt_fast import compat
 from m2pt_fast.errors import MissingInput, UserError
+from m2pt_fast.models import llava_original
 from m2pt_fast.models.layers import LinearProjector, default_dtype
 
 
@@ -196,15 +198,12 @@ def load_llava(
     The last two go through m2pt_fast.models.llava_original (its docstring says what the loader adds: an
     image token row in the input embeddings). mm_vision_select_layer / _feature override a config's.
     """
-    import json
-
     path = Path(path)
     if not path.is_dir():
         raise MissingInput(f"model directory {str(path)!r} does not exist (local directories only; "
                            "nothing is downloaded)")
     if not (path / "config.json").is_file():
         raise MissingInput(f"{str(path)!r} has no config.json: is it a transformers model directory?")
-    from m2pt_fast.models import llava_original
 
     config = json.loads((path / "config.json").read_text())
     if llava_original.checkpoint_layout(config, pretrain_mm_mlp_adapter) == "original":

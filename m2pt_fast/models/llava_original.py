@@ -39,15 +39,18 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from m2pt_fast.compat import no_init_weights
 from m2pt_fast.errors import UserError
 from m2pt_fast.models.layers import LinearProjector, default_dtype
+from m2pt_fast.models.quantize import NF4Linear
+from m2pt_kernels.nf4_format import NF4Weight
 
 SELECT_FEATURES = {"patch": "default", "cls_patch": "full"}
-PROJECTOR_TYPES = ("linear", "mlp2x_gelu")
 # the LLaVA scripts' choices where a config does not say (the paper's LLaVA v1 was trained with these)
 DEFAULT_SELECT_LAYER = -2
 DEFAULT_SELECT_FEATURE = "patch"
@@ -89,7 +92,6 @@ def _keys_and_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
     """A safetensors file's tensor names and shapes from its header (nothing else read); None for .bin."""
     if path.suffix != ".safetensors":
         return None
-    from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -106,8 +108,6 @@ def _index_keys(directory: Path) -> set[str] | None:
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path))
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
@@ -349,9 +349,6 @@ def load_original(
 def _set_nf4_layer(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Replace the nn.Linear `name` by an NF4Linear holding a bitsandbytes 4-bit weight's tensors
     (transformers' serialization: `weight` packed, `weight.*` statistics), keeping its bias."""
-    from m2pt_fast.models.quantize import NF4Linear
-    from m2pt_kernels.nf4_format import NF4Weight
-
     if "weight.quant_state.bitsandbytes__nf4" not in tensors:
         raise LlavaSourceError(f"{path}: {name}.weight is packed but has no quant_state.bitsandbytes__nf4 entry "
                                "(fp4, 8-bit or a truncated checkpoint?)")

@@ -24,9 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import transformers
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
+from m2pt_fast.compat import no_init_weights
 from m2pt_fast.errors import MissingInput, UserError
+from m2pt_fast.models.layers import LinearProjector
 from m2pt_kernels import NF4Weight, nf4_dequantize, nf4_linear, nf4_quantize
 from m2pt_kernels.nf4_format import BLOCKSIZES
 
@@ -227,8 +232,6 @@ def _parameters_on_meta():
             param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
         original(module, name, param)
 
-    from m2pt_fast.compat import no_init_weights
-
     nn.Module.register_parameter = register
     try:
         with no_init_weights():
@@ -238,8 +241,6 @@ def _parameters_on_meta():
 
 
 def _empty_model(config_dict: dict, class_name: str | None = None) -> nn.Module:
-    import transformers
-
     config = transformers.AutoConfig.for_model(**{k: v for k, v in config_dict.items() if k != "quantization_config"})
     name = class_name or (config_dict.get("architectures") or [None])[0]
     cls = getattr(transformers, name, None) if name else None
@@ -251,8 +252,6 @@ def _empty_model(config_dict: dict, class_name: str | None = None) -> nn.Module:
         # LLaVA's own layout, loaded through m2pt_fast.models.llava_original and saved here: a linear projector,
         # and an lm_head that keeps the original vocabulary's rows (the image token's row is input only)
         if getattr(config, "m2pt_linear_projector", False):
-            from m2pt_fast.models.layers import LinearProjector
-
             model.model.multi_modal_projector = LinearProjector(config.vision_config.hidden_size,
                                                                 config.text_config.hidden_size)
         rows = getattr(config, "m2pt_lm_head_rows", None)
@@ -265,8 +264,6 @@ def _empty_model(config_dict: dict, class_name: str | None = None) -> nn.Module:
 def save_quantized(model: nn.Module, directory) -> Path:
     """Write `model` (after quantize_model) to `directory`: config.json and nf4_model.safetensors
     (all parameters and buffers, persistent or not; tensors shared between modules stored once)."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors, aliases, seen = {}, {}, {}
@@ -315,8 +312,6 @@ def _rename(key: str, known) -> str:
 
 
 def _open_safetensors(path: Path):
-    from safetensors import safe_open
-
     try:
         return safe_open(str(path), framework="pt", device="cpu")
     except Exception as exc:  # safetensors raises its own error types for a truncated/corrupt header

@@ -16,13 +16,18 @@ shard by shard, quantized as it arrives; LLaVA's own layout is assembled in the 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
 from m2pt_fast.errors import MissingInput, UserError
+from m2pt_fast.models import llava_original
+from m2pt_fast.models.llava import load_llava
+from m2pt_fast.models.quantize import QuantizeConfig, load_quantized, quantize_model, save_quantized
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -31,14 +36,6 @@ def convert(source: str, out: str, *, vision_tower: str | None = None, pretrain_
             mm_vision_select_layer: int | None = None, mm_vision_select_feature: str | None = None,
             dtype: torch.dtype = torch.bfloat16, blocksize: int = 64, double_quant: bool = True) -> Path:
     """Quantize the LLaVA at `source` and write it, its tokenizer and its image processor to `out`."""
-    import json
-
-    from transformers import AutoTokenizer
-
-    from m2pt_fast.models import llava_original
-    from m2pt_fast.models.llava import load_llava
-    from m2pt_fast.models.quantize import QuantizeConfig, load_quantized, quantize_model, save_quantized
-
     src, target = Path(source), Path(out)
     if not (src / "config.json").is_file():
         raise MissingInput(f"{src} has no config.json: not a model directory (local files only)")

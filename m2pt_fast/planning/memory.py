@@ -26,9 +26,13 @@ import functools
 import weakref
 from collections.abc import Callable, Iterable
 
+import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+from m2pt_fast.planning.meta_values import MetaValues
+from m2pt_kernels import _dispatch
 
 aten = torch.ops.aten
 BLOCK_BYTES = 512  # the CUDA caching allocator rounds every allocation up to a multiple of this
@@ -306,9 +310,6 @@ def count_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
     same). On meta, `batch` is a function that makes it (inside the count, where integer meta
     tensors keep their values: token ids, masks, labels).
     """
-    from m2pt_fast.planning.meta_values import MetaValues
-    from m2pt_kernels import _dispatch
-
     device = next(model.parameters()).device
     on_meta = device.type == "meta"
     block = (BLOCK_BYTES if on_meta else 1) if block is None else block
@@ -377,8 +378,6 @@ class Extrapolation:
     moment are too, up to the allocator's rounding; the peak at any b is the largest of them."""
 
     def __init__(self, b0: int, low: MemoryReport, b1: int, high: MemoryReport):
-        import numpy as np
-
         if low.timeline is None or high.timeline is None:
             raise ValueError("Extrapolation needs counts made with timeline=True")
         if len(low.timeline) != len(high.timeline):
@@ -393,8 +392,6 @@ class Extrapolation:
 
     def largest_within(self, limit_bytes: float, cap: int = 1 << 16) -> int:
         """The largest micro-batch (at most `cap`) whose peak is at most `limit_bytes`; 0 if none."""
-        import numpy as np
-
         at_one = self.base + (1 - self.b0) * self.slope
         if at_one.max() > limit_bytes:
             return 0

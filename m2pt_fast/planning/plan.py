@@ -36,9 +36,15 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer, LlavaConfig
 
+from m2pt_fast.data import ConversationEncoder, load_llava_records, longest_sample
 from m2pt_fast.errors import MissingInput, UserError
 from m2pt_fast.labels import IGNORE_INDEX
+from m2pt_fast.method.methods import METHODS, apply_method, default_prompt_counts
+from m2pt_fast.models import llava_original
+from m2pt_fast.models.llava import NAMED_CONFIGS, build_llava, llava_config
+from m2pt_fast.models.quantize import quantize_model
 from m2pt_fast.planning import memory
 
 GIB = 2**30
@@ -81,8 +87,6 @@ class PlanRequest:
 
 
 def _llava_config(request: PlanRequest):
-    from m2pt_fast.models.llava import llava_config
-
     if request.model_name_or_path is None:
         return llava_config(request.shape), request.shape
     path = Path(request.model_name_or_path)
@@ -91,7 +95,6 @@ def _llava_config(request: PlanRequest):
         raise MissingInput(f"{str(path)!r} has no config.json (a transformers LLaVA directory; "
                            "nothing is downloaded)")
     config = json.loads(config_file.read_text())
-    from m2pt_fast.models import llava_original
 
     if llava_original.checkpoint_layout(config) == "original":
         raise UserError(f"{config_file}: LLaVA's own layout (or a LLaMA to assemble into one); pick the --shape "
@@ -99,7 +102,6 @@ def _llava_config(request: PlanRequest):
     if config.get("model_type") != "llava":
         raise UserError(f"{config_file}: model_type {config.get('model_type')!r}; the planner reads transformers' "
                         "LLaVA configs (model_type 'llava'); for LLaVA's own layout pick the --shape it has")
-    from transformers import LlavaConfig
 
     return LlavaConfig.from_dict({k: v for k, v in config.items() if k != "quantization_config"}), path.name
 
@@ -108,13 +110,8 @@ def meta_model(config, *, quant: str, method: str, num_vision_prompts: int, num_
                backend: str = "fused", dtype: torch.dtype = torch.bfloat16, **method_options):
     """A LLaVA of `config` on meta, its backbone in `quant` (nf4 or dense), made trainable by
     `method` as the trainer makes it (methods.apply_method; `method_options` go there too)."""
-    from m2pt_fast.method.methods import apply_method
-    from m2pt_fast.models.llava import build_llava
-
     llava = build_llava(copy.deepcopy(config), device="meta", dtype=dtype)
     if quant == "nf4":
-        from m2pt_fast.models.quantize import quantize_model
-
         quantize_model(llava)
     elif quant not in ("bf16", "fp32"):
         raise UserError(f"--quant must be nf4 or bf16, got {quant!r}")
@@ -126,8 +123,6 @@ def meta_model(config, *, quant: str, method: str, num_vision_prompts: int, num_
 
 def build_on_meta(request: PlanRequest):
     """The model of `request`, trainable as the trainer makes it, on meta; and a description."""
-    from m2pt_fast.method.methods import default_prompt_counts
-
     config, name = _llava_config(request)
     vision, text = default_prompt_counts(request.method)
     vision = vision if request.num_vision_prompts is None else request.num_vision_prompts
@@ -186,12 +181,9 @@ def count_step(model, micro_batch: int, *, checkpointing: bool, model_max_length
 def data_lengths(request: PlanRequest, model, progress: bool = False) -> dict:
     """The longest sample of request.data_path as the trainer encodes it (its tokenizer, template and
     --model_max_length truncation; records it would skip are skipped): tokens, labelled tokens, records."""
-    from m2pt_fast.data import ConversationEncoder, load_llava_records, longest_sample
-
     if request.model_name_or_path is None:
         raise UserError("--data_path needs --model_name_or_path: the model directory's tokenizer measures the "
                         "samples")
-    from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(request.model_name_or_path, local_files_only=True)
@@ -328,9 +320,6 @@ def render(result: dict) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from m2pt_fast.method.methods import METHODS
-    from m2pt_fast.models.llava import NAMED_CONFIGS
-
     parser = argparse.ArgumentParser(prog="python -m m2pt_fast.plan", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--shape", choices=sorted(NAMED_CONFIGS), help="a named model shape (default llava-1.5-7b)")

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from m2pt_fast.data.conversation import TEMPLATES
 from m2pt_fast.data.image import ASPECT_RATIOS
@@ -196,7 +199,6 @@ class TrainConfig:
         LLaVA directory, None for the embedded model."""
         if self.model_name_or_path is None:
             return None
-        import json
 
         path = Path(self.model_name_or_path) / "config.json"
         config = json.loads(path.read_text()) if path.is_file() else {}
@@ -212,7 +214,6 @@ class TrainConfig:
             return self.model_name_or_path
         if self.vision_tower:
             return self.vision_tower
-        import json
 
         tower = json.loads((Path(self.model_name_or_path) / "config.json").read_text()).get("mm_vision_tower")
         return tower if tower and Path(tower).is_dir() else self.model_name_or_path
@@ -223,8 +224,6 @@ class TrainConfig:
         if self.image_aspect_ratio:
             return self.image_aspect_ratio
         if self.model_name_or_path:
-            import json
-
             path = Path(self.model_name_or_path) / "config.json"
             config = json.loads(path.read_text()) if path.is_file() else {}
             if config.get("image_aspect_ratio") == "pad":
@@ -338,8 +337,6 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     values: dict[str, Any] = {}
     recipe = given.pop("config", None)
     if recipe:
-        import yaml
-
         if not Path(recipe).is_file():
             raise UserError(f"--config {recipe} does not exist")
         values.update(_check_yaml_values(recipe, yaml.safe_load(Path(recipe).read_text())))
