@@ -19,63 +19,23 @@ answer tokens only (m2pt_fast/method/fused.py).
 """
 from __future__ import annotations
 
-import functools
-import math
-from dataclasses import dataclass
-
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
-from transformers import LlavaForConditionalGeneration
-from transformers.utils import ModelOutput
+from transformers import LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
 
-from m2pt_fast.compat import Cache, GradientCheckpointingLayer, set_layer_checkpointing
+from m2pt_fast.compat import Cache
 from m2pt_fast.errors import UserError
 from m2pt_fast.method import fused, reference
 from m2pt_fast.method.attention import route_attention
 from m2pt_fast.method.generation import generate
-from m2pt_fast.method.lean_activations import set_lean
-
-BACKENDS = ("reference", "fused")
-
-
-@dataclass
-class M2PTConfig:
-    """What M²PT tunes. Validated on construction."""
-
-    num_vision_prompts: int = 10
-    num_text_prompts: int = 10
-    tune_projector: bool = True
-    tune_lm_head: bool = False
-    # The released M²PT code's vision feature selection instead of the method's (docs/method.md):
-    # for converted official prompts. Off by default.
-    official_vision_features: bool = False
-    # Which of the paper's methods this model trains as (method/methods.py: apply_method checks it and
-    # sets what trains; save_output writes that method's output).
-    method: str = "m2pt"
-
-    def __post_init__(self):
-        for name in ("num_vision_prompts", "num_text_prompts"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise UserError(f"{name} must be a non-negative integer (0 disables those prompts), got {value!r}")
-        for name in ("tune_projector", "tune_lm_head", "official_vision_features"):
-            if not isinstance(getattr(self, name), bool):
-                raise UserError(f"{name} must be True or False, got {getattr(self, name)!r}")
-
-
-@dataclass
-class M2PTOutput(ModelOutput):
-    """`logits`: (B, T, V) for the text positions only (prompt positions removed), or None where the
-    fused backend was not asked for them (it skips full-vocabulary logits when training).
-
-    A transformers ModelOutput (also a dict): DeepSpeed ZeRO-3 finds the tensors a module returns only
-    in tuples, lists and dicts, and re-gathers the prompts for backward through hooks on them.
-    `cache`: the KV cache to pass to the next call (transformers' own name for it since 5.24)."""
-
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    cache: Cache | None = None
+from m2pt_fast.method.prompted import (
+    M2PTConfig,
+    M2PTOutput,
+    PromptTuned,
+    register_prompts,
+    xavier_uniform_per_layer,
+)
+from m2pt_fast.method.qwen2_5_vl import M2PTQwen2_5VL
 
 
 def clip_parts(clip_model: nn.Module) -> nn.Module:
@@ -127,61 +87,6 @@ def _official_feature_layer(llava: LlavaForConditionalGeneration, indices: list[
     return indices[0]
 
 
-class PromptTuned:
-    """What every deep-prompt model here shares: a `backend` attribute ("reference" or "fused") that
-    can be switched between calls (the fused one also runs the frozen model's norms and MLP
-    activations through m2pt_fast.method.lean_activations), and activation checkpointing of the frozen model's layers.
-    Subclasses name that model in `frozen_model`."""
-
-    frozen_model: nn.Module
-
-    def gradient_checkpointing_enable(self, every_n_layers: int = 1) -> None:
-        """Recompute every (n-th) transformer layer in backward instead of storing activations."""
-        set_gradient_checkpointing(self.frozen_model, every_n_layers)
-
-    def gradient_checkpointing_disable(self) -> None:
-        set_gradient_checkpointing(self.frozen_model, None)
-
-    @property
-    def backend(self) -> str:
-        return self._backend
-
-    @backend.setter
-    def backend(self, value: str) -> None:
-        if value not in BACKENDS:
-            raise UserError(f"backend must be one of {BACKENDS}, got {value!r}")
-        self._backend = value
-        frozen = getattr(self, "frozen_model", None)
-        if frozen is not None:  # the fused path's norms and activations save less (lean_activations.py)
-            set_lean(frozen, value == "fused")
-
-
-def set_gradient_checkpointing(root: nn.Module, every_n_layers: int | None) -> None:
-    """Turn activation checkpointing on for every n-th transformer layer under `root` (None: off).
-
-    Sets the flags transformers' GradientCheckpointingLayer reads, which the reference path runs
-    through and the fused path consults, rather than calling the model's own enable method: its name
-    and arguments changed within transformers 5 (activation_checkpointing_enable, every_n_layers).
-    """
-    if every_n_layers is not None and (isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int)
-                                       or every_n_layers < 1):
-        raise UserError(f"every_n_layers must be a positive integer, got {every_n_layers!r}")
-    recompute = functools.partial(checkpoint, use_reentrant=False)
-    layers = [m for m in root.modules() if isinstance(m, GradientCheckpointingLayer)]
-    for index, layer in enumerate(layers):
-        set_layer_checkpointing(layer, every_n_layers is not None and index % every_n_layers == 0, recompute)
-
-
-def xavier_uniform_per_layer(prompts: torch.Tensor) -> None:
-    """Xavier-uniform init of each layer's (n, d) prompt matrix, as the paper's code does."""
-    _, n, d = prompts.shape
-    if n == 0 or d == 0:
-        return
-    bound = math.sqrt(6.0 / (n + d))
-    with torch.no_grad():
-        prompts.uniform_(-bound, bound)
-
-
 class M2PTLlava(PromptTuned, nn.Module):
     """A frozen LLaVA with deep visual prompts, deep textual prompts and a trainable projector.
 
@@ -193,8 +98,8 @@ class M2PTLlava(PromptTuned, nn.Module):
     def __init__(self, llava: LlavaForConditionalGeneration, config: M2PTConfig, backend: str = "reference"):
         super().__init__()
         if not isinstance(llava, LlavaForConditionalGeneration):
-            raise TypeError("apply_m2pt takes a transformers LlavaForConditionalGeneration, "
-                            f"got {type(llava).__name__}")
+            raise TypeError("apply_m2pt takes a transformers LlavaForConditionalGeneration or "
+                            f"Qwen2_5_VLForConditionalGeneration, got {type(llava).__name__}")
         self.llava = llava
         self.m2pt_config = config
         # under --method lora: the PeftModel around self.llava (methods.apply_method makes it; it saves
@@ -216,11 +121,11 @@ class M2PTLlava(PromptTuned, nn.Module):
         num_vision_layers = max(self.feature_layers)
         if config.official_vision_features:
             num_vision_layers = _official_feature_layer(llava, self.feature_layers) + 1  # its raw prompts are features
-        self._add_prompts("vision_prompts", torch.empty(
+        register_prompts(self, "vision_prompts", torch.empty(
             num_vision_layers, config.num_vision_prompts, llava.config.vision_config.hidden_size,
             dtype=vision_ref.dtype, device=vision_ref.device,
         ))
-        self._add_prompts("text_prompts", torch.empty(
+        register_prompts(self, "text_prompts", torch.empty(
             llava.config.text_config.num_hidden_layers, config.num_text_prompts, llava.config.text_config.hidden_size,
             dtype=text_ref.dtype, device=text_ref.device,
         ))
@@ -233,14 +138,6 @@ class M2PTLlava(PromptTuned, nn.Module):
         return self.m2pt_config.method
 
     # ----------------------------------------------------------------------------------------- setup
-    def _add_prompts(self, name: str, prompts: torch.Tensor) -> None:
-        """A side's prompts: a Parameter, or, with 0 prompts, an empty buffer (nothing to train, and
-        ZeRO-3 cannot partition a parameter of 0 elements)."""
-        if prompts.shape[1] == 0:
-            self.register_buffer(name, prompts, persistent=False)
-        else:
-            setattr(self, name, nn.Parameter(prompts))
-
     def _set_trainable(self) -> None:
         """The one place that decides what M²PT trains."""
         config = self.m2pt_config
@@ -401,7 +298,7 @@ def text_forward(model, embeds, attention_mask, labels, position_ids, cache, use
 
 
 def apply_m2pt(
-    model: LlavaForConditionalGeneration,
+    model: LlavaForConditionalGeneration | Qwen2_5_VLForConditionalGeneration,
     num_vision_prompts: int = 10,
     num_text_prompts: int = 10,
     *,
@@ -410,13 +307,16 @@ def apply_m2pt(
     backend: str = "reference",
     official_vision_features: bool = False,
     method: str = "m2pt",
-) -> M2PTLlava:
-    """Wrap a transformers LLaVA for M²PT: deep prompts in every vision and decoder layer, a trainable
-    projector, everything else frozen. The LLaVA's weights are shared with the returned model.
+) -> M2PTLlava | M2PTQwen2_5VL:
+    """Wrap a transformers LLaVA or Qwen2.5-VL for M²PT: deep prompts in every vision and decoder layer,
+    a trainable interaction layer (LLaVA's projector, Qwen2.5-VL's merger), everything else frozen.
+    The model's weights are shared with the returned model.
 
     official_vision_features: select vision features as the released M²PT code does (for prompts
-    converted from its checkpoints; docs/method.md), not as the method describes. method: the paper's
-    method this model is trained as (methods.apply_method gives it)."""
+    converted from its checkpoints; docs/method.md), not as the method describes (LLaVA only). method:
+    the paper's method this model is trained as (methods.apply_method gives it)."""
     config = M2PTConfig(num_vision_prompts, num_text_prompts, tune_projector, tune_lm_head, official_vision_features,
                         method)
+    if isinstance(model, Qwen2_5_VLForConditionalGeneration):
+        return M2PTQwen2_5VL(model, config, backend=backend)
     return M2PTLlava(model, config, backend=backend)

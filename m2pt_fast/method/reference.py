@@ -41,10 +41,12 @@ def clip_states(vision, hidden: torch.Tensor, prompts: torch.Tensor, depth: int)
 def text_forward(lm, lm_head, prompts, embeds, attention_mask, labels, position_ids, cache, use_cache):
     """Decoder forward with deep text prompts in the sequence.
 
-    lm: a transformers LlamaModel; prompts: (L, n, d); embeds: (B, T, d) input embeddings of the
-    new tokens; attention_mask: (B, T_past + T) over text tokens; labels: (B, T) or None;
-    position_ids: (B, T) text positions or None (0.. for a fresh sequence); cache: a KV cache holding
-    earlier tokens, the prompt rows first. Returns (loss, logits (B, T, V), cache).
+    lm: a transformers decoder (LlamaModel, Qwen2Model, Qwen2.5-VL's text model...); prompts: (L, n, d);
+    embeds: (B, T, d) input embeddings of the new tokens; attention_mask: (B, T_past + T) over text
+    tokens; labels: (B, T) or None; position_ids: (B, T) text positions, (3, B, T) M-RoPE positions
+    (temporal, height, width), or None (0.. for a fresh sequence); cache: a KV cache holding earlier
+    tokens, the prompt rows first. The prompt rows sit at positions 0..n-1 (on every M-RoPE axis) and
+    every other position moves up by n. Returns (loss, logits (B, T, V), cache).
     """
     batch, seq_len, _ = embeds.shape
     n = prompts.shape[1]
@@ -70,20 +72,24 @@ def text_forward(lm, lm_head, prompts, embeds, attention_mask, labels, position_
     inserted = prefill and n > 0
     if inserted:
         hidden = _with_prompts(hidden, prompts[0], replace=False)
-        positions = torch.cat([torch.arange(n, device=device).expand(batch, n), positions], dim=1)
+        prompt_positions = torch.arange(n, device=device).expand(*positions.shape[:-1], n)
+        positions = torch.cat([prompt_positions, positions], dim=-1)
+    # an M-RoPE model's own forward gives its masks and layers no 1-D positions (they would read the
+    # temporal axis as packed sequences' positions)
+    flat_positions = positions if positions.dim() == 2 else None
 
     if use_cache and cache is None:
         cache = new_cache(lm.config)
     # one mask per kind of layer, as the model's own forward builds them (a sliding window counts the
     # prompt rows as the tokens they are)
     types = layer_types(lm.config)
-    masks = {kind: causal_mask(lm.config, hidden, mask, cache, positions, sliding=kind == "sliding_attention")
+    masks = {kind: causal_mask(lm.config, hidden, mask, cache, flat_positions, sliding=kind == "sliding_attention")
              for kind in set(types)}
     rope = lm.rotary_emb(hidden, position_ids=positions)
     for j, layer in enumerate(lm.layers):
         if inserted and j > 0:
             hidden = _with_prompts(hidden, prompts[j], replace=True)
-        hidden = layer(hidden, attention_mask=masks[types[j]], position_embeddings=rope, position_ids=positions,
+        hidden = layer(hidden, attention_mask=masks[types[j]], position_embeddings=rope, position_ids=flat_positions,
                        use_cache=use_cache, **cache_kwargs(cache))
     logits = lm_head(lm.norm(hidden))  # (B, [n +] T, V)
 

@@ -1,4 +1,4 @@
-"""Building blocks the model builders (builders.py) and the checkpoint loaders (llava_original.py,
+"""Building blocks the model builders (llava.py) and the checkpoint loaders (llava_original.py,
 quantize.py) share, kept below all three so that none imports another for them."""
 from __future__ import annotations
 

@@ -41,7 +41,7 @@ from transformers import AutoTokenizer, LlavaConfig
 from m2pt_fast.data import ConversationEncoder, load_llava_records, longest_sample
 from m2pt_fast.errors import MissingInput, UserError
 from m2pt_fast.labels import IGNORE_INDEX
-from m2pt_fast.method.methods import METHODS, apply_method, default_prompt_counts
+from m2pt_fast.method.methods import METHODS, apply_method, default_prompt_counts, trainable_parameters
 from m2pt_fast.models import llava_original
 from m2pt_fast.models.llava import NAMED_CONFIGS, build_llava, llava_config
 from m2pt_fast.models.quantize import quantize_model
@@ -172,7 +172,7 @@ def count_step(model, micro_batch: int, *, checkpointing: bool, model_max_length
         model.gradient_checkpointing_enable()
     else:
         model.gradient_checkpointing_disable()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=1e-4)
     memory.warm_optimizer(optimizer)
     batch = _batch_maker(model, model_max_length, answer_tokens, micro_batch)
     return memory.count_steps(model, optimizer, batch, steps=1, timeline=True)
@@ -208,7 +208,7 @@ def plan(request: PlanRequest, progress=None) -> dict:
         data = data_lengths(request, model, progress=progress is not None)
         request = dataclasses.replace(request, model_max_length=data["longest_tokens"],
                                       answer_tokens=data["most_labelled"])
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trained = sum(p.numel() for p in trainable_parameters(model))
     extra = DEEPSPEED_BF16_BYTES_PER_TRAINED_PARAMETER * trained if request.deepspeed else 0
     usable = (request.gpu_memory - request.margin) / (1 + request.fragmentation)
     settings, counts = {}, {}
@@ -261,7 +261,7 @@ def estimate_run(config, *, micro_batch: int, checkpointing: bool, model_max_len
     """The counted peak of one training step of a run (the trainer's own settings; model_options as
     meta_model takes them) and the DeepSpeed bf16 state added for its trained parameters."""
     model = meta_model(config, **model_options)
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trained = sum(p.numel() for p in trainable_parameters(model))
     report = count_step(model, micro_batch, checkpointing=checkpointing, model_max_length=model_max_length,
                         answer_tokens=answer_tokens)
     return report, DEEPSPEED_BF16_BYTES_PER_TRAINED_PARAMETER * trained if deepspeed else 0

@@ -46,7 +46,6 @@ from m2pt_fast.data import (
     make_collate,
 )
 from m2pt_fast.errors import UserError
-from m2pt_fast.method import model as m2pt_model
 from m2pt_fast.method.methods import OUTPUT_NAMES, apply_method, check_method, save_output, trainable_parameters
 from m2pt_fast.models.base_model import load_base
 from m2pt_fast.planning import plan
@@ -186,9 +185,7 @@ class M2PTRecipe:
         cfg = self.cfg
         llava = self.base_llava()
         torch.manual_seed(cfg.seed)  # the prompts' initial values, the same on every rank
-        backend = cfg.backend
-        if backend == "auto":
-            backend = "fused" if "fused" in m2pt_model.BACKENDS else "reference"
+        backend = "fused" if cfg.backend == "auto" else cfg.backend
         self.model = apply_method(
             llava, cfg.method, num_vision_prompts=cfg.num_vision_prompts, num_text_prompts=cfg.num_text_prompts,
             tune_projector=cfg.tune_projector, tune_lm_head=cfg.tune_lm_head, backend=backend, lora=cfg.lora,

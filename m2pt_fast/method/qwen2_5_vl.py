@@ -1,0 +1,123 @@
+"""M²PT on Qwen2.5-VL: deep prompts in every block of its packed, windowed vision tower and every
+decoder layer, with the merger (the interaction layer) trained. The definition is docs/method.md's
+"Qwen2.5-VL" section; this is its reference form, on the model's own modules.
+
+Vision: before block i, each segment the block attends within (a window, or a whole image in the
+full-attention blocks) gets the block's n_v prompt rows prepended, with the identity rotation (cos 1,
+sin 0); the block runs on the packed result, and the prompt rows are dropped from its output. The
+merger sees patch rows only: image-token counts and processors are unchanged.
+Decoder: reference.text_forward with M-RoPE positions: the prompt rows at (j, j, j), every position of
+the sequence shifted by n_t on all three axes.
+
+The fused backend does not run this family yet: apply_m2pt refuses it.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+from m2pt_fast.errors import UserError
+from m2pt_fast.method import reference
+from m2pt_fast.method.prompted import M2PTConfig, M2PTOutput, PromptTuned, register_prompts, xavier_uniform_per_layer
+from m2pt_fast.models import qwen2_5_vl as family
+
+
+def with_segment_prompts(hidden: torch.Tensor, cu_seqlens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         prompts: torch.Tensor):
+    """Packed rows hidden (N, d) in segments cu_seqlens (S + 1,), with prompts (n, d) before each segment.
+
+    Returns (rows (N + S n, d), cu_seqlens, cos, sin, keep): the prompt rows carry cos 1 and sin 0 (no
+    rotation), and `keep` (N + S n,) marks the original rows, in their order."""
+    n = prompts.shape[0]
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    rows, cos_rows, sin_rows, keep = [], [], [], []
+    prompt_rows = prompts.to(hidden.dtype)
+    ones, zeros = cos.new_ones(n, cos.shape[-1]), sin.new_zeros(n, sin.shape[-1])
+    for part, part_cos, part_sin in zip(hidden.split(lengths), cos.split(lengths), sin.split(lengths)):
+        rows += [prompt_rows, part]
+        cos_rows += [ones, part_cos]
+        sin_rows += [zeros, part_sin]
+        keep += [torch.zeros(n, dtype=torch.bool), torch.ones(part.shape[0], dtype=torch.bool)]
+    segments = torch.arange(len(lengths) + 1, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return (torch.cat(rows), cu_seqlens + n * segments, torch.cat(cos_rows), torch.cat(sin_rows),
+            torch.cat(keep).to(hidden.device))
+
+
+def vision_features(visual, pixel_values: torch.Tensor, grid_thw: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+    """The merged image features (sum of t h w / merge², d_text) of the tower run with deep prompts
+    (prompts (blocks, n, d_vision); n = 0: the tower's own forward, step for step)."""
+    schedule = family.VisionSchedule(visual, grid_thw)
+    hidden = visual.patch_embed(pixel_values.to(visual.patch_embed.proj.weight.dtype))
+    rows = hidden.shape[0]
+    hidden = visual.permute_input_for_window_attn(hidden, schedule.window_index, seq_len=rows)
+    cos, sin = (visual.permute_input_for_window_attn(part, schedule.window_index, seq_len=rows)
+                for part in visual.rotary_pos_emb(hidden, schedule.position_ids))
+    n = prompts.shape[1]
+    for i, (block, (cu_seqlens, max_seqlen)) in enumerate(zip(visual.blocks, schedule.blocks)):
+        if not n:
+            hidden = block(hidden, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, position_embeddings=(cos, sin))
+            continue
+        packed, packed_cu, packed_cos, packed_sin, keep = with_segment_prompts(hidden, cu_seqlens, cos, sin,
+                                                                               prompts[i])
+        out = block(packed, cu_seqlens=packed_cu, max_seqlen=None if max_seqlen is None else max_seqlen + n,
+                    position_embeddings=(packed_cos, packed_sin))
+        hidden = out[keep]
+    return visual.merger(hidden)[torch.argsort(schedule.window_index)]
+
+
+class M2PTQwen2_5VL(PromptTuned, nn.Module):
+    """A frozen Qwen2.5-VL with deep visual prompts (blocks, n_v, d_vision), deep textual prompts
+    (layers, n_t, d_text) and a trainable merger."""
+
+    backends = ("reference",)
+
+    def __init__(self, model: Qwen2_5_VLForConditionalGeneration, config: M2PTConfig, backend: str = "reference"):
+        super().__init__()
+        if config.official_vision_features:
+            raise UserError("official_vision_features is the released M²PT code's LLaVA feature selection; "
+                            "Qwen2.5-VL has no such choice")
+        self.qwen = model
+        self.frozen_model = model
+        self.m2pt_config = config
+        self.peft_model = None
+        self.backend = backend
+        visual, text = model.model.visual, model.model.language_model
+        vision_ref, text_ref = visual.patch_embed.proj.weight, text.embed_tokens.weight
+        register_prompts(self, "vision_prompts", torch.empty(
+            len(visual.blocks), config.num_vision_prompts, visual.config.hidden_size,
+            dtype=vision_ref.dtype, device=vision_ref.device))
+        register_prompts(self, "text_prompts", torch.empty(
+            len(text.layers), config.num_text_prompts, text.config.hidden_size,
+            dtype=text_ref.dtype, device=text_ref.device))
+        xavier_uniform_per_layer(self.vision_prompts)
+        xavier_uniform_per_layer(self.text_prompts)
+        model.requires_grad_(False)  # the prompts are trainable Parameters (or empty buffers)
+        visual.merger.requires_grad_(config.tune_projector)
+        model.lm_head.requires_grad_(config.tune_lm_head)
+
+    @property
+    def method(self) -> str:
+        return self.m2pt_config.method
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
+                mm_token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> M2PTOutput:
+        """input_ids (B, T) with each image's tokens expanded as the processor expands them; pixel_values
+        (patches, d) and image_grid_thw (images, 3) from the processor; mm_token_type_ids (B, T) for
+        M-RoPE (without it, 1-D positions, as the model's own forward). Returns the mean next-token loss
+        over labelled positions and the text positions' logits (B, T, V)."""
+        model = self.qwen
+        text = model.model.language_model
+        embeds = text.embed_tokens(input_ids)
+        if pixel_values is not None:
+            if image_grid_thw is None:
+                raise UserError("pixel_values without image_grid_thw: pass both, as the processor returns them")
+            features = vision_features(model.model.visual, pixel_values, image_grid_thw, self.vision_prompts)
+            family.check_image_tokens(model, input_ids, features.shape[0])
+            where = (input_ids == family.image_token_id(model)).unsqueeze(-1).expand_as(embeds)
+            embeds = embeds.masked_scatter(where, features.to(embeds.dtype))
+        positions = family.text_positions(model, input_ids, attention_mask, image_grid_thw, mm_token_type_ids)
+        loss, logits, _ = reference.text_forward(text, model.lm_head, self.text_prompts, embeds, attention_mask,
+                                                 labels, positions, None, False)
+        return M2PTOutput(loss=loss, logits=logits)

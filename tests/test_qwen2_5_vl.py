@@ -1,0 +1,197 @@
+"""M²PT on Qwen2.5-VL (reference backend) against docs/method.md's definition, on a tiny float64 model:
+zero prompts give the plain model exactly; with prompts, the reference equals a construction from the
+definition made here with the model's own blocks (each attention segment run on its own, prompts
+before it) and its own decoder forward (prompt rows overwritten by hooks); images packed together
+give the features each gives alone."""
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers.vision_utils import get_vision_window_index
+
+from m2pt_fast import UserError, apply_m2pt
+from m2pt_fast.labels import IGNORE_INDEX
+from m2pt_fast.method.qwen2_5_vl import vision_features
+from m2pt_fast.models.qwen2_5_vl import tiny_config
+
+IMAGE, START, END = 100, 102, 103
+GRIDS = [(1, 8, 8), (1, 4, 12)]  # two images: 16 and 12 image tokens after the 2x2 merge
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    torch.manual_seed(0)
+    return Qwen2_5_VLForConditionalGeneration(tiny_config()).double().eval()
+
+
+def batch(seed=1):
+    """Two right-padded samples, one image each, with the processor's expanded image tokens."""
+    g = torch.Generator().manual_seed(seed)
+    grid = torch.tensor(GRIDS)
+    pixels = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 2 * 2, generator=g, dtype=torch.float64)
+    samples = [[1, 5, START] + [IMAGE] * (t * h * w // 4) + [END] + torch.randint(3, 90, (k,), generator=g).tolist()
+               for (t, h, w), k in zip(GRIDS, (5, 8))]
+    length = max(map(len, samples))
+    ids = torch.tensor([s + [0] * (length - len(s)) for s in samples])
+    mask = (torch.arange(length)[None] < torch.tensor([[len(s)] for s in samples])).long()
+    labels = ids.masked_fill((mask == 0) | (ids >= IMAGE), IGNORE_INDEX)
+    return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_grid_thw=grid,
+                mm_token_type_ids=(ids == IMAGE).long(), labels=labels)
+
+
+@pytest.mark.parametrize("with_token_types", [True, False], ids=["mrope", "1d-positions"])
+def test_zero_prompts_give_the_plain_model_exactly(qwen, with_token_types):
+    inputs = batch()
+    if not with_token_types:
+        inputs.pop("mm_token_type_ids")
+    plain = qwen(**inputs)
+    ours = apply_m2pt(qwen, 0, 0)(**inputs)
+    assert torch.equal(ours.loss, plain.loss)
+    assert torch.equal(ours.logits, plain.logits)
+
+
+def test_zero_prompts_without_images_give_the_plain_model_exactly(qwen):
+    ids = torch.tensor([[1, 5, 6, 7, 8], [1, 9, 10, 0, 0]])
+    mask = (ids != 0).long()
+    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+    plain = qwen(input_ids=ids, attention_mask=mask, labels=labels)
+    ours = apply_m2pt(qwen, 0, 0)(ids, mask, labels=labels)
+    assert torch.equal(ours.loss, plain.loss) and torch.equal(ours.logits, plain.logits)
+
+
+def definition_vision(visual, pixel_values, grid_thw, prompts):
+    """Docs/method.md's vision rule, built segment by segment: block i runs on each window (or whole
+    image, in the full-attention blocks) on its own, with prompts[i] before it at the identity rotation;
+    the segments' segmentation and rotary come from the plain tower's own forward (recorded by hooks)."""
+    seen = {}
+
+    def record(index):
+        def hook(module, args, kwargs):
+            seen[index] = (args[0] if args else kwargs["hidden_states"], kwargs["cu_seqlens"],
+                           kwargs["position_embeddings"])
+        return hook
+
+    handles = [block.register_forward_pre_hook(record(i), with_kwargs=True) for i, block in enumerate(visual.blocks)]
+    try:
+        visual(pixel_values, grid_thw=grid_thw)
+    finally:
+        for handle in handles:
+            handle.remove()
+    hidden = seen[0][0]
+    n = prompts.shape[1]
+    for i, block in enumerate(visual.blocks):
+        _, cu, (cos, sin) = seen[i]
+        outs = []
+        for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            rows = torch.cat([prompts[i], hidden[start:end]])
+            rotary = (torch.cat([torch.ones(n, cos.shape[-1], dtype=cos.dtype), cos[start:end]]),
+                      torch.cat([torch.zeros(n, sin.shape[-1], dtype=sin.dtype), sin[start:end]]))
+            alone = torch.tensor([0, rows.shape[0]], dtype=cu.dtype)
+            outs.append(block(rows, cu_seqlens=alone, max_seqlen=None, position_embeddings=rotary)[n:])
+        hidden = torch.cat(outs)
+    window_index, _ = get_vision_window_index(grid_thw, spatial_merge_size=visual.spatial_merge_size,
+                                              window_size=visual.window_size, patch_size=visual.patch_size)
+    return visual.merger(hidden)[torch.argsort(window_index)]
+
+
+def definition_loss_and_logits(qwen, text_prompts, vision_prompts, inputs):
+    """The decoder rule through the model's own text forward: n_t prompt rows before the sequence at
+    M-RoPE positions (j, j, j), every other position up by n_t, the rows overwritten before each later
+    layer by forward pre-hooks; the loss over the labelled positions, the prompt rows' logits dropped."""
+    text = qwen.model.language_model
+    ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
+    embeds = text.embed_tokens(ids)
+    features = definition_vision(qwen.model.visual, inputs["pixel_values"], inputs["image_grid_thw"], vision_prompts)
+    embeds = embeds.masked_scatter((ids == IMAGE)[..., None].expand_as(embeds), features)
+    positions, _ = qwen.model.get_rope_index(ids, mm_token_type_ids=inputs["mm_token_type_ids"],
+                                             image_grid_thw=inputs["image_grid_thw"], attention_mask=mask)
+    n, batch_size = text_prompts.shape[1], ids.shape[0]
+    prompt_positions = torch.arange(n).expand(3, batch_size, n)
+
+    def overwrite(j):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            hidden = torch.cat([text_prompts[j].expand(batch_size, n, -1), hidden[:, n:]], dim=1)
+            return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+        return hook
+
+    handles = [layer.register_forward_pre_hook(overwrite(j), with_kwargs=True)
+               for j, layer in enumerate(text.layers) if j > 0]
+    try:
+        hidden = text(inputs_embeds=torch.cat([text_prompts[0].expand(batch_size, n, -1), embeds], dim=1),
+                      attention_mask=torch.cat([mask.new_ones(batch_size, n), mask], dim=1),
+                      position_ids=torch.cat([prompt_positions, positions + n], dim=-1)).last_hidden_state
+    finally:
+        for handle in handles:
+            handle.remove()
+    logits = qwen.lm_head(hidden)
+    # next-token loss over the whole sequence, the prompt rows unlabelled (n_t x -100 before the labels),
+    # in fp32 as transformers' causal-LM loss upcasts the logits
+    labels = torch.cat([labels.new_full((batch_size, n), IGNORE_INDEX), labels], dim=1)
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+    return loss, logits[:, n:]
+
+
+def test_the_reference_equals_the_definition_in_loss_logits_and_gradients(qwen):
+    torch.manual_seed(2)
+    model = apply_m2pt(qwen, 3, 2)
+    inputs = batch(seed=3)
+    ours = model(**inputs)
+    tuned = [model.vision_prompts, model.text_prompts, *qwen.model.visual.merger.parameters()]
+    our_grads = torch.autograd.grad(ours.loss, tuned)
+    loss, logits = definition_loss_and_logits(qwen, model.text_prompts, model.vision_prompts, inputs)
+    their_grads = torch.autograd.grad(loss, tuned)
+    # The logits are float64: packing the segments (ours) and running them one by one (here) add in
+    # other orders, so they agree to float64 rounding. The loss and the gradients pass through the fp32
+    # cross-entropy both sides compute (transformers' convention): they agree to fp32 rounding.
+    torch.testing.assert_close(ours.logits, logits, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ours.loss, loss, rtol=1e-6, atol=0)
+    for mine, theirs in zip(our_grads, their_grads):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-9)
+    assert all(g.abs().sum() > 0 for g in our_grads)
+
+
+def test_prompts_change_the_features_but_not_their_count(qwen):
+    inputs = batch()
+    visual = qwen.model.visual
+    plain = vision_features(visual, inputs["pixel_values"], inputs["image_grid_thw"], torch.zeros(3, 0, 16))
+    prompts = torch.randn(3, 4, 16, dtype=torch.float64)
+    prompted = vision_features(visual, inputs["pixel_values"], inputs["image_grid_thw"], prompts)
+    assert prompted.shape == plain.shape == (sum(t * h * w // 4 for t, h, w in GRIDS), 32)
+    assert (prompted - plain).abs().max() > 1e-2 * plain.abs().max()
+
+
+def test_images_packed_together_give_what_each_gives_alone(qwen):
+    inputs = batch()
+    visual, pixels, grid = qwen.model.visual, inputs["pixel_values"], inputs["image_grid_thw"]
+    prompts = torch.randn(3, 4, 16, dtype=torch.float64)
+    together = vision_features(visual, pixels, grid, prompts)
+    first = int(grid[0].prod())
+    alone = torch.cat([vision_features(visual, pixels[:first], grid[:1], prompts),
+                       vision_features(visual, pixels[first:], grid[1:], prompts)])
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-12)  # float64; the same ops, other batching
+
+
+def test_only_the_prompts_and_the_merger_train(qwen):
+    model = apply_m2pt(qwen, 2, 2)
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trained == {"vision_prompts", "text_prompts"} | {
+        f"qwen.model.visual.merger.{name}" for name, _ in qwen.model.visual.merger.named_parameters()}
+    assert model.vision_prompts.shape == (3, 2, 16) and model.text_prompts.shape == (2, 2, 32)
+    without = apply_m2pt(qwen, 2, 2, tune_projector=False)
+    assert {name for name, p in without.named_parameters() if p.requires_grad} == {"vision_prompts", "text_prompts"}
+
+
+def test_refusals(qwen):
+    with pytest.raises(UserError, match="reference backend only"):
+        apply_m2pt(qwen, 2, 2, backend="fused")
+    with pytest.raises(UserError, match="official_vision_features"):
+        apply_m2pt(qwen, 2, 2, official_vision_features=True)
+    model = apply_m2pt(qwen, 2, 2)
+    inputs = batch()
+    with pytest.raises(UserError, match="image_grid_thw"):
+        model(**{**inputs, "image_grid_thw": None})
+    short = inputs["input_ids"].clone()
+    short[0, 3] = 5  # one image token fewer than the first image's features
+    with pytest.raises(UserError, match="image tokens"):
+        model(**{**inputs, "input_ids": short})
