@@ -1,8 +1,10 @@
-"""M²PT on Qwen2.5-VL (reference backend) against docs/method.md's definition, on a tiny float64 model:
-zero prompts give the plain model exactly; with prompts, the reference equals a construction from the
-definition made here with the model's own blocks (each attention segment run on its own, prompts
-before it) and its own decoder forward (prompt rows overwritten by hooks); images packed together
-give the features each gives alone."""
+"""M²PT on Qwen2.5-VL against docs/method.md's definition, on a tiny float64 model: zero prompts give the
+plain model exactly; with prompts, the reference equals a construction from the definition made here
+with the model's own blocks (each attention segment run on its own, prompts before it) and its own
+decoder forward (prompt rows overwritten by hooks); images packed together give the features each
+gives alone; the fused backend equals the reference in loss and every prompt and merger gradient."""
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +16,8 @@ from m2pt_fast.labels import IGNORE_INDEX
 from m2pt_fast.method.qwen2_5_vl import vision_features
 from m2pt_fast.models.qwen2_5_vl import tiny_config
 
+# the module (m2pt_kernels re-exports its function under the same name)
+kernel_module = importlib.import_module("m2pt_kernels.prefix_attention")
 IMAGE, START, END = 100, 102, 103
 GRIDS = [(1, 8, 8), (1, 4, 12)]  # two images: 16 and 12 image tokens after the 2x2 merge
 
@@ -183,8 +187,6 @@ def test_only_the_prompts_and_the_merger_train(qwen):
 
 
 def test_refusals(qwen):
-    with pytest.raises(UserError, match="reference backend only"):
-        apply_m2pt(qwen, 2, 2, backend="fused")
     with pytest.raises(UserError, match="official_vision_features"):
         apply_m2pt(qwen, 2, 2, official_vision_features=True)
     model = apply_m2pt(qwen, 2, 2)
@@ -195,3 +197,68 @@ def test_refusals(qwen):
     short[0, 3] = 5  # one image token fewer than the first image's features
     with pytest.raises(UserError, match="image tokens"):
         model(**{**inputs, "input_ids": short})
+
+
+def loss_and_grads(model, backend, inputs):
+    model.backend = backend
+    loss = model(**inputs).loss
+    tuned = {"vision_prompts": model.vision_prompts, "text_prompts": model.text_prompts,
+             **{f"merger.{k}": v for k, v in model.qwen.model.visual.merger.named_parameters()}}
+    return loss, dict(zip(tuned, torch.autograd.grad(loss, list(tuned.values()))))
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+@pytest.mark.parametrize("first_token_labelled", [False, True], ids=["answers", "first-token-labelled"])
+def test_fused_equals_the_reference_in_loss_and_every_gradient(qwen, checkpointing, first_token_labelled,
+                                                               monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the kernels' PyTorch paths (the Triton case is below)
+    torch.manual_seed(4)
+    model = apply_m2pt(qwen, 3, 2)
+    inputs = batch(seed=5)
+    if not first_token_labelled:  # the usual data: the first token (BOS) unlabelled
+        inputs["labels"][:, 0] = IGNORE_INDEX
+    if checkpointing:
+        model.train()
+        model.gradient_checkpointing_enable()
+    try:
+        ref_loss, ref_grads = loss_and_grads(model, "reference", inputs)
+        loss, grads = loss_and_grads(model, "fused", inputs)
+    finally:
+        model.gradient_checkpointing_disable()
+        model.eval()
+    # float64 logits; the loss is an fp32 mean (reference) or an fp32 sum over label rows / count (fused)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
+    for name, grad in ref_grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-9, msg=name)
+
+
+def test_fused_logits_equal_the_reference_where_there_are_tokens(qwen, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    model = apply_m2pt(qwen, 3, 2)
+    inputs = batch(seed=6)
+    reference = model(**inputs).logits
+    model.backend = "fused"
+    fused = model(**inputs, return_logits=True).logits
+    valid = inputs["attention_mask"].bool()
+    torch.testing.assert_close(fused[valid], reference[valid], rtol=1e-10, atol=1e-12)  # float64
+
+
+def test_fused_through_the_triton_kernel_equals_the_reference(monkeypatch):
+    """fp32 (the interpreter's dtype on a CPU): the prefix attention of every window, image and the
+    decoder through the Triton kernel."""
+    torch.manual_seed(0)
+    model = apply_m2pt(Qwen2_5_VLForConditionalGeneration(tiny_config()).eval(), 2, 2)
+    inputs = batch(seed=7)
+    inputs["pixel_values"] = inputs["pixel_values"].float()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    ref_loss, ref_grads = loss_and_grads(model, "reference", inputs)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    launches = []  # guard: the Triton path must really run, not fall back to the reference
+    kernel_forward = kernel_module._forward
+    monkeypatch.setattr(kernel_module, "_forward", lambda *a: launches.append(1) or kernel_forward(*a))
+    loss, grads = loss_and_grads(model, "fused", inputs)
+    assert launches
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)  # fp32: the sums run in other orders
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -111,6 +111,9 @@ def _check_computable(module, keys: int, kwargs: dict) -> None:
     """Refuse what prefix_attention does not compute rather than compute something else: attention
     sinks, and a sliding window shorter than the keys (prompt rows included) it would mask."""
     name = type(module).__name__
+    if kwargs.get("cu_seq_lens_q") is not None:
+        raise UserError(f"{name} attends within packed segments in one call (flash attention's cu_seq_lens), "
+                        "which prefix_attention does not compute: load the model with attn_implementation='sdpa'")
     for sink in ("s_aux", "sinks"):
         if kwargs.get(sink) is not None:
             raise UserError(f"{name} adds attention sinks ({sink}), which the fused backend does not compute; "
@@ -191,13 +194,14 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, context: PrefixContext, *a
     return _call(layer, hidden, args, kwargs, context)
 
 
-def prefix_kv(layer: nn.Module, rows: torch.Tensor, *args, **kwargs):
+def prefix_kv(layer: nn.Module, rows: torch.Tensor, *args, packed: bool = False, **kwargs):
     """(attention module, (K, V)) of the prompt rows (n, d) as `layer` computes them, K and V each
     (Hkv, n, D): layer(rows[None], *args, **kwargs) runs up to its attention, which hands back its
-    keys and values; its output projection, MLP and the rest never run."""
+    keys and values; its output projection, MLP and the rest never run. packed: the layer takes rows
+    unbatched, (N, d) with cu_seqlens (Qwen2.5-VL's vision blocks): layer(rows, ...)."""
     with _no_checkpointing(layer), _active(CAPTURE):
         try:
-            layer(rows[None], *args, m2pt=CAPTURE, **kwargs)
+            layer(rows if packed else rows[None], *args, m2pt=CAPTURE, **kwargs)
         except _Captured as captured:
             return captured.module, (captured.key[0], captured.value[0])
     raise RuntimeError(

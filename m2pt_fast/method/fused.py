@@ -57,8 +57,11 @@ def clip_states(vision, hidden: torch.Tensor, prompts: torch.Tensor, depth: int)
 
 # -------------------------------------------------------------------------------------------- text
 def _prompt_positions(lm, rows: torch.Tensor) -> dict:
-    """The keyword arguments placing rows (n, d) at positions 0..n-1 in a decoder layer."""
+    """The keyword arguments placing rows (n, d) at positions 0..n-1 in a decoder layer: (j, j, j)
+    under M-RoPE (Qwen2.5-VL), whose layers, as in the model's own forward, get no 1-D positions."""
     positions = torch.arange(rows.shape[0], device=rows.device)[None]  # (1, n)
+    if hasattr(lm.rotary_emb, "mrope_section"):
+        return {"position_ids": None, "position_embeddings": lm.rotary_emb(rows[None], positions.expand(3, 1, -1))}
     return {"position_ids": positions, "position_embeddings": lm.rotary_emb(rows[None], positions)}
 
 
@@ -130,8 +133,9 @@ def _last_prompt_row(lm, prompts: torch.Tensor) -> torch.Tensor:
 def text_forward(lm, lm_head, prompts, embeds, attention_mask, labels, position_ids, return_logits):
     """Fused counterpart of reference.text_forward for training and scoring (no cache).
 
-    lm: a transformers decoder (LlamaModel); prompts: (L, n, d); embeds: (B, T, d); attention_mask:
-    (B, T), right-padded; labels: (B, T) or None. Returns (loss or None, logits (B, T, V) or None).
+    lm: a transformers decoder (LlamaModel, Qwen2.5-VL's text model...); prompts: (L, n, d); embeds:
+    (B, T, d); attention_mask: (B, T), right-padded; labels: (B, T) or None; position_ids: (B, T), or
+    (3, B, T) under M-RoPE, or None. Returns (loss or None, logits (B, T, V) or None).
     """
     batch, seq_len, _ = embeds.shape
     n = prompts.shape[1]

@@ -33,6 +33,7 @@ from m2pt_fast.method.prompted import (
     M2PTOutput,
     PromptTuned,
     register_prompts,
+    text_forward,
     xavier_uniform_per_layer,
 )
 from m2pt_fast.method.qwen2_5_vl import M2PTQwen2_5VL
@@ -272,29 +273,6 @@ class M2PTLlava(PromptTuned, nn.Module):
     def generate(self, input_ids, pixel_values=None, max_new_tokens=32, **kwargs) -> torch.Tensor:
         """transformers' generate, the prompt K/V as the prefix of its cache; see m2pt_fast.method.generation."""
         return generate(self, input_ids, pixel_values, max_new_tokens, **kwargs)
-
-
-def text_forward(model, embeds, attention_mask, labels, position_ids, cache, use_cache, return_logits):
-    """The decoder half shared by M²PT and plain deep text prompts: `model` has `backend`,
-    `training`, `text_prompts`, `language_model` and `lm_head`; embeds: (B, T, d)."""
-    lm, lm_head, prompts = model.language_model, model.lm_head, model.text_prompts
-    if model.backend == "reference":
-        loss, logits, cache = reference.text_forward(lm, lm_head, prompts, embeds, attention_mask, labels,
-                                                     position_ids, cache, use_cache)
-        return M2PTOutput(loss=loss, logits=logits, cache=cache)
-    if use_cache or cache is not None:
-        # Decoding: the prompt K/V enter the cache once, computed for the whole batch; the text then
-        # runs through the cached path.
-        if cache is None or cache.get_seq_length() == 0:
-            cache = fused.prompt_cache(lm, prompts, embeds.shape[0], cache)
-        loss, logits, cache = reference.text_forward(lm, lm_head, prompts, embeds, attention_mask, labels,
-                                                     position_ids, cache, True)
-        return M2PTOutput(loss=loss, logits=logits, cache=cache)
-    if return_logits is None:
-        return_logits = labels is None
-    loss, logits = fused.text_forward(lm, lm_head, prompts, embeds, attention_mask, labels, position_ids,
-                                      return_logits)
-    return M2PTOutput(loss=loss, logits=logits)
 
 
 def apply_m2pt(

@@ -19,8 +19,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from m2pt_fast.errors import UserError
 from m2pt_fast.method.attention import route_attention
 from m2pt_fast.method.generation import generate
-from m2pt_fast.method.model import clip_parts, text_forward, vision_states
-from m2pt_fast.method.prompted import M2PTConfig, M2PTOutput, PromptTuned, xavier_uniform_per_layer
+from m2pt_fast.method.model import clip_parts, vision_states
+from m2pt_fast.method.prompted import M2PTConfig, M2PTOutput, PromptTuned, text_forward, xavier_uniform_per_layer
 
 
 def _prompt_parameter(layers: int, n: int, width: int, like: torch.Tensor) -> nn.Parameter:

@@ -17,6 +17,7 @@ from transformers.utils import ModelOutput
 
 from m2pt_fast.compat import Cache, GradientCheckpointingLayer, set_layer_checkpointing
 from m2pt_fast.errors import UserError
+from m2pt_fast.method import fused, reference
 from m2pt_fast.method.lean_activations import set_lean
 
 BACKENDS = ("reference", "fused")
@@ -127,3 +128,26 @@ def register_prompts(module: nn.Module, name: str, prompts: torch.Tensor) -> Non
         module.register_buffer(name, prompts, persistent=False)
     else:
         setattr(module, name, nn.Parameter(prompts))
+
+
+def text_forward(model, embeds, attention_mask, labels, position_ids, cache, use_cache, return_logits):
+    """The decoder half shared by M²PT and plain deep text prompts: `model` has `backend`,
+    `training`, `text_prompts`, `language_model` and `lm_head`; embeds: (B, T, d)."""
+    lm, lm_head, prompts = model.language_model, model.lm_head, model.text_prompts
+    if model.backend == "reference":
+        loss, logits, cache = reference.text_forward(lm, lm_head, prompts, embeds, attention_mask, labels,
+                                                     position_ids, cache, use_cache)
+        return M2PTOutput(loss=loss, logits=logits, cache=cache)
+    if use_cache or cache is not None:
+        # Decoding: the prompt K/V enter the cache once, computed for the whole batch; the text then
+        # runs through the cached path.
+        if cache is None or cache.get_seq_length() == 0:
+            cache = fused.prompt_cache(lm, prompts, embeds.shape[0], cache)
+        loss, logits, cache = reference.text_forward(lm, lm_head, prompts, embeds, attention_mask, labels,
+                                                     position_ids, cache, True)
+        return M2PTOutput(loss=loss, logits=logits, cache=cache)
+    if return_logits is None:
+        return_logits = labels is None
+    loss, logits = fused.text_forward(lm, lm_head, prompts, embeds, attention_mask, labels, position_ids,
+                                      return_logits)
+    return M2PTOutput(loss=loss, logits=logits)

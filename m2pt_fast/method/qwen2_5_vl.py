@@ -9,7 +9,10 @@ merger sees patch rows only: image-token counts and processors are unchanged.
 Decoder: reference.text_forward with M-RoPE positions: the prompt rows at (j, j, j), every position of
 the sequence shifted by n_t on all three axes.
 
-The fused backend does not run this family yet: apply_m2pt refuses it.
+The fused backend computes the same function with no prompt rows in any sequence: block i's prompt
+K/V (its norm and qkv on the prompt rows, unrotated) are computed once and every segment's attention
+attends to them as a shared prefix (method/attention.py); the decoder is fused.text_forward, with its
+prompt K/V at M-RoPE positions (j, j, j).
 """
 from __future__ import annotations
 
@@ -18,8 +21,15 @@ from torch import nn
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from m2pt_fast.errors import UserError
-from m2pt_fast.method import reference
-from m2pt_fast.method.prompted import M2PTConfig, M2PTOutput, PromptTuned, register_prompts, xavier_uniform_per_layer
+from m2pt_fast.method.attention import PrefixContext, prefix_kv, route_attention, run_layer
+from m2pt_fast.method.prompted import (
+    M2PTConfig,
+    M2PTOutput,
+    PromptTuned,
+    register_prompts,
+    text_forward,
+    xavier_uniform_per_layer,
+)
 from m2pt_fast.models import qwen2_5_vl as family
 
 
@@ -44,9 +54,10 @@ def with_segment_prompts(hidden: torch.Tensor, cu_seqlens: torch.Tensor, cos: to
             torch.cat(keep).to(hidden.device))
 
 
-def vision_features(visual, pixel_values: torch.Tensor, grid_thw: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+def vision_features(visual, pixel_values: torch.Tensor, grid_thw: torch.Tensor, prompts: torch.Tensor,
+                    backend: str = "reference") -> torch.Tensor:
     """The merged image features (sum of t h w / merge², d_text) of the tower run with deep prompts
-    (prompts (blocks, n, d_vision); n = 0: the tower's own forward, step for step)."""
+    (prompts (blocks, n, d_vision); n = 0: the tower's own forward, step for step), by `backend`."""
     schedule = family.VisionSchedule(visual, grid_thw)
     hidden = visual.patch_embed(pixel_values.to(visual.patch_embed.proj.weight.dtype))
     rows = hidden.shape[0]
@@ -55,6 +66,9 @@ def vision_features(visual, pixel_values: torch.Tensor, grid_thw: torch.Tensor, 
                 for part in visual.rotary_pos_emb(hidden, schedule.position_ids))
     n = prompts.shape[1]
     for i, (block, (cu_seqlens, max_seqlen)) in enumerate(zip(visual.blocks, schedule.blocks)):
+        if n and backend == "fused":
+            hidden = _fused_block(block, hidden, cu_seqlens, max_seqlen, (cos, sin), prompts[i])
+            continue
         if not n:
             hidden = block(hidden, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, position_embeddings=(cos, sin))
             continue
@@ -66,11 +80,23 @@ def vision_features(visual, pixel_values: torch.Tensor, grid_thw: torch.Tensor, 
     return visual.merger(hidden)[torch.argsort(schedule.window_index)]
 
 
+def _fused_block(block, hidden, cu_seqlens, max_seqlen, rotary, prompts: torch.Tensor) -> torch.Tensor:
+    """One block with its prompts (n, d) as the prefix K/V of every segment's attention."""
+    n, head_dim = prompts.shape[0], rotary[0].shape[-1]
+    identity = (rotary[0].new_ones(n, head_dim), rotary[1].new_zeros(n, head_dim))
+    alone = torch.tensor([0, n], dtype=cu_seqlens.dtype, device=cu_seqlens.device)
+    module, kv = prefix_kv(block, prompts.to(hidden.dtype), packed=True, cu_seqlens=alone, max_seqlen=None,
+                           position_embeddings=identity)
+    context = PrefixContext({module: kv})
+    hidden = run_layer(block, hidden, context, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                       position_embeddings=rotary)
+    context.check_used()
+    return hidden
+
+
 class M2PTQwen2_5VL(PromptTuned, nn.Module):
     """A frozen Qwen2.5-VL with deep visual prompts (blocks, n_v, d_vision), deep textual prompts
     (layers, n_t, d_text) and a trainable merger."""
-
-    backends = ("reference",)
 
     def __init__(self, model: Qwen2_5_VLForConditionalGeneration, config: M2PTConfig, backend: str = "reference"):
         super().__init__()
@@ -78,6 +104,7 @@ class M2PTQwen2_5VL(PromptTuned, nn.Module):
             raise UserError("official_vision_features is the released M²PT code's LLaVA feature selection; "
                             "Qwen2.5-VL has no such choice")
         self.qwen = model
+        route_attention(model)  # the fused backend's prefix K/V go through transformers' attention interface
         self.frozen_model = model
         self.m2pt_config = config
         self.peft_model = None
@@ -100,24 +127,33 @@ class M2PTQwen2_5VL(PromptTuned, nn.Module):
     def method(self) -> str:
         return self.m2pt_config.method
 
+    @property
+    def language_model(self) -> nn.Module:
+        return self.qwen.model.language_model
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.qwen.lm_head
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
-                mm_token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> M2PTOutput:
+                mm_token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None, *,
+                return_logits: bool | None = None) -> M2PTOutput:
         """input_ids (B, T) with each image's tokens expanded as the processor expands them; pixel_values
         (patches, d) and image_grid_thw (images, 3) from the processor; mm_token_type_ids (B, T) for
         M-RoPE (without it, 1-D positions, as the model's own forward). Returns the mean next-token loss
-        over labelled positions and the text positions' logits (B, T, V)."""
+        over labelled positions and the text positions' logits (B, T, V); return_logits: default True
+        for the reference backend, and for the fused one only where no labels are given."""
         model = self.qwen
         text = model.model.language_model
         embeds = text.embed_tokens(input_ids)
         if pixel_values is not None:
             if image_grid_thw is None:
                 raise UserError("pixel_values without image_grid_thw: pass both, as the processor returns them")
-            features = vision_features(model.model.visual, pixel_values, image_grid_thw, self.vision_prompts)
+            features = vision_features(model.model.visual, pixel_values, image_grid_thw, self.vision_prompts,
+                                       self.backend)
             family.check_image_tokens(model, input_ids, features.shape[0])
             where = (input_ids == family.image_token_id(model)).unsqueeze(-1).expand_as(embeds)
             embeds = embeds.masked_scatter(where, features.to(embeds.dtype))
         positions = family.text_positions(model, input_ids, attention_mask, image_grid_thw, mm_token_type_ids)
-        loss, logits, _ = reference.text_forward(text, model.lm_head, self.text_prompts, embeds, attention_mask,
-                                                 labels, positions, None, False)
-        return M2PTOutput(loss=loss, logits=logits)
+        return text_forward(self, embeds, attention_mask, labels, positions, None, False, return_logits)
