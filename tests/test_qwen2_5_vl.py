@@ -262,3 +262,54 @@ def test_fused_through_the_triton_kernel_equals_the_reference(monkeypatch):
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0)  # fp32: the sums run in other orders
     for name, grad in ref_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def left_padded(inputs):
+    """The batch with each row's padding moved before its tokens (what generate takes)."""
+    out = dict(inputs)
+    lengths = inputs["attention_mask"].sum(1)
+    width = inputs["input_ids"].shape[1]
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        rows = [torch.cat([row.new_zeros(width - n), row[:n]]) for row, n in zip(inputs[key], lengths.tolist())]
+        out[key] = torch.stack(rows)
+    return out
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+def test_generation_equals_a_greedy_loop_of_full_forwards(qwen, backend, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    torch.manual_seed(8)
+    model = apply_m2pt(qwen, 3, 2, backend=backend)
+    inputs = left_padded(batch(seed=9))
+    ids, mask, types = inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"]
+    images = dict(pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
+    generated, step_logits = model.generate(ids, mask, **images, mm_token_type_ids=types, max_new_tokens=6,
+                                            eos_token_id=[], output_logits=True)
+    model.backend = "reference"  # full forwards of left-padded rows: the reference form
+    expected, expected_logits = ids, []
+    for _ in range(6):
+        expected_logits.append(model(expected, mask, **images, mm_token_type_ids=types).logits[:, -1])
+        expected = torch.cat([expected, expected_logits[-1].argmax(-1, keepdim=True)], dim=1)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        types = torch.cat([types, types.new_zeros(types.shape[0], 1)], dim=1)
+    assert torch.equal(generated, expected)
+    # The logits too: this tiny model's tokens hardly depend on positions (1-D instead of M-RoPE
+    # positions moves its logits by about 2e-4), its logits do. float64; the cache adds in other orders.
+    torch.testing.assert_close(step_logits, torch.stack(expected_logits, dim=1), rtol=1e-9, atol=1e-11)
+
+
+def test_generation_stops_at_eos_and_pads_finished_rows(qwen):
+    model = apply_m2pt(qwen, 2, 2)
+    inputs = left_padded(batch(seed=9))
+    args = (inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], inputs["image_grid_thw"],
+            inputs["mm_token_type_ids"])
+    free = model.generate(*args, max_new_tokens=4, eos_token_id=[])[:, -4:]
+    stop = int(free[0, 1])  # the first row's second new token, made an end of sequence
+    stopped = model.generate(*args, max_new_tokens=4, eos_token_id=stop, pad_token_id=0)[:, -4:]
+    first_stop = [int((row == stop).nonzero()[0]) if (row == stop).any() else None for row in free]
+    for row, cut in zip(range(2), first_stop):
+        if cut is None:
+            assert torch.equal(stopped[row, :stopped.shape[1]], free[row, :stopped.shape[1]])
+        else:
+            assert torch.equal(stopped[row, :cut + 1], free[row, :cut + 1])
+            assert (stopped[row, cut + 1:] == 0).all()

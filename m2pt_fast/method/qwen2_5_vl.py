@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers import Qwen2_5_VLForConditionalGeneration
 
+from m2pt_fast.compat import Cache
 from m2pt_fast.errors import UserError
 from m2pt_fast.method.attention import PrefixContext, prefix_kv, route_attention, run_layer
 from m2pt_fast.method.prompted import (
@@ -138,14 +139,23 @@ class M2PTQwen2_5VL(PromptTuned, nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
                 mm_token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None, *,
+                position_ids: torch.Tensor | None = None, cache: Cache | None = None, use_cache: bool = False,
                 return_logits: bool | None = None) -> M2PTOutput:
         """input_ids (B, T) with each image's tokens expanded as the processor expands them; pixel_values
         (patches, d) and image_grid_thw (images, 3) from the processor; mm_token_type_ids (B, T) for
         M-RoPE (without it, 1-D positions, as the model's own forward). Returns the mean next-token loss
         over labelled positions and the text positions' logits (B, T, V); return_logits: default True
-        for the reference backend, and for the fused one only where no labels are given."""
+        for the reference backend, and for the fused one only where no labels are given.
+
+        Decoding: with use_cache the output's cache holds the prompt rows and the tokens; a later call
+        gives the new tokens, attention_mask over cached + new tokens, the cache, and position_ids
+        (3, B, T_new) without the prompts' shift (the positions the plain model would give them)."""
         model = self.qwen
         text = model.model.language_model
+        cached = cache is not None and cache.get_seq_length() > 0
+        if cached and position_ids is None:
+            raise UserError("a call after the first of a decode gives position_ids (3, batch, new tokens): M-RoPE "
+                            "positions cannot be inferred from the new tokens alone")
         embeds = text.embed_tokens(input_ids)
         if pixel_values is not None:
             if image_grid_thw is None:
@@ -155,5 +165,58 @@ class M2PTQwen2_5VL(PromptTuned, nn.Module):
             family.check_image_tokens(model, input_ids, features.shape[0])
             where = (input_ids == family.image_token_id(model)).unsqueeze(-1).expand_as(embeds)
             embeds = embeds.masked_scatter(where, features.to(embeds.dtype))
-        positions = family.text_positions(model, input_ids, attention_mask, image_grid_thw, mm_token_type_ids)
-        return text_forward(self, embeds, attention_mask, labels, positions, None, False, return_logits)
+        if position_ids is None:
+            position_ids = family.text_positions(model, input_ids, attention_mask, image_grid_thw, mm_token_type_ids)
+        return text_forward(self, embeds, attention_mask, labels, position_ids, cache, use_cache, return_logits)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
+                 mm_token_type_ids: torch.Tensor | None = None, max_new_tokens: int = 32,
+                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+                 output_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Greedy decoding with a KV cache that starts with the prompts: (B, T + new) token ids.
+
+        input_ids left-padded (B, T), as the processor gives them; every new token sits one past its
+        row's largest M-RoPE position on all three axes, as the model's own generate places it (its
+        rope_deltas). A row that produced eos_token_id (default: the generation config's) continues
+        with pad_token_id. output_logits: also return each step's logits (B, new, V), as transformers'
+        generate does with output_logits=True."""
+        if max_new_tokens < 0:
+            raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if (attention_mask[:, 1:] < attention_mask[:, :-1]).any():
+            raise UserError("generate needs left-padded batches (padding before the tokens); tokenize with "
+                            "padding_side='left'")
+        config = self.qwen.generation_config
+        eos = config.eos_token_id if eos_token_id is None else eos_token_id
+        eos = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), device=input_ids.device)
+        pad = pad_token_id if pad_token_id is not None else config.pad_token_id if config.pad_token_id is not None \
+            else (int(eos[0]) if eos.numel() else 0)
+        was_training = self.training
+        self.eval()
+        try:
+            positions = family.text_positions(self.qwen, input_ids, attention_mask, image_grid_thw, mm_token_type_ids)
+            out = self(input_ids, attention_mask, pixel_values, image_grid_thw, position_ids=positions,
+                       use_cache=True, return_logits=True)
+            next_position = positions.amax(dim=(0, 2)) + 1  # (B,)
+            tokens, done = [input_ids], torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            step_logits = []
+            for step in range(max_new_tokens):
+                step_logits.append(out.logits[:, -1])
+                token = step_logits[-1].argmax(-1)
+                token = torch.where(done, torch.full_like(token, pad), token)
+                tokens.append(token[:, None])
+                done |= torch.isin(token, eos)
+                if step + 1 == max_new_tokens or bool(done.all()):
+                    break
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], 1)
+                step_positions = (next_position + step).view(1, -1, 1).expand(3, -1, 1)
+                out = self(token[:, None], attention_mask, position_ids=step_positions, cache=out.cache,
+                           use_cache=True, return_logits=True)
+        finally:
+            self.train(was_training)
+        if output_logits:
+            return torch.cat(tokens, dim=1), torch.stack(step_logits, dim=1)
+        return torch.cat(tokens, dim=1)
