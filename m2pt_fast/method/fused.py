@@ -130,12 +130,13 @@ def _last_prompt_row(lm, prompts: torch.Tensor) -> torch.Tensor:
     return lm.norm(out)[0, -1]
 
 
-def text_forward(lm, lm_head, prompts, embeds, attention_mask, labels, position_ids, return_logits):
+def text_forward(lm, lm_head, prompts, embeds, attention_mask, labels, position_ids, return_logits, deepstack=None):
     """Fused counterpart of reference.text_forward for training and scoring (no cache).
 
     lm: a transformers decoder (LlamaModel, Qwen2.5-VL's text model...); prompts: (L, n, d); embeds:
     (B, T, d); attention_mask: (B, T), right-padded; labels: (B, T) or None; position_ids: (B, T), or
-    (3, B, T) under M-RoPE, or None. Returns (loss or None, logits (B, T, V) or None).
+    (3, B, T) under M-RoPE, or None; deepstack: Qwen3-VL's (image-token mask, features), handed to the
+    decoder's own forward. Returns (loss or None, logits (B, T, V) or None).
     """
     batch, seq_len, _ = embeds.shape
     n = prompts.shape[1]
@@ -150,7 +151,9 @@ def text_forward(lm, lm_head, prompts, embeds, attention_mask, labels, position_
         position_ids = torch.arange(seq_len, device=embeds.device).expand(batch, seq_len)
     # The decoder's own forward; its mask is not built (padding is kv_lens), and text positions start
     # after the prompts.
-    hidden = lm(inputs_embeds=embeds, position_ids=position_ids + n, use_cache=False, m2pt=context).last_hidden_state
+    extra = {} if deepstack is None else {"visual_pos_masks": deepstack[0], "deepstack_visual_embeds": deepstack[1]}
+    hidden = lm(inputs_embeds=embeds, position_ids=position_ids + n, use_cache=False, m2pt=context,
+                **extra).last_hidden_state
     context.check_used()
     loss = _loss(lm, lm_head, prompts, hidden, labels) if labels is not None else None
     logits = lm_head(hidden) if return_logits else None

@@ -21,7 +21,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
+from transformers import (
+    LlavaForConditionalGeneration,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen3VLForConditionalGeneration,
+)
 
 from m2pt_fast.compat import Cache
 from m2pt_fast.errors import UserError
@@ -36,7 +40,7 @@ from m2pt_fast.method.prompted import (
     text_forward,
     xavier_uniform_per_layer,
 )
-from m2pt_fast.method.qwen2_5_vl import M2PTQwen2_5VL
+from m2pt_fast.method.qwen_vl import M2PTQwenVL
 
 
 def clip_parts(clip_model: nn.Module) -> nn.Module:
@@ -99,8 +103,9 @@ class M2PTLlava(PromptTuned, nn.Module):
     def __init__(self, llava: LlavaForConditionalGeneration, config: M2PTConfig, backend: str = "reference"):
         super().__init__()
         if not isinstance(llava, LlavaForConditionalGeneration):
-            raise TypeError("apply_m2pt takes a transformers LlavaForConditionalGeneration or "
-                            f"Qwen2_5_VLForConditionalGeneration, got {type(llava).__name__}")
+            raise TypeError("apply_m2pt takes a transformers LlavaForConditionalGeneration, "
+                            "Qwen2_5_VLForConditionalGeneration or Qwen3VLForConditionalGeneration, "
+                            f"got {type(llava).__name__}")
         self.llava = llava
         self.m2pt_config = config
         # under --method lora: the PeftModel around self.llava (methods.apply_method makes it; it saves
@@ -276,7 +281,7 @@ class M2PTLlava(PromptTuned, nn.Module):
 
 
 def apply_m2pt(
-    model: LlavaForConditionalGeneration | Qwen2_5_VLForConditionalGeneration,
+    model: LlavaForConditionalGeneration | Qwen2_5_VLForConditionalGeneration | Qwen3VLForConditionalGeneration,
     num_vision_prompts: int = 10,
     num_text_prompts: int = 10,
     *,
@@ -285,9 +290,10 @@ def apply_m2pt(
     backend: str = "reference",
     official_vision_features: bool = False,
     method: str = "m2pt",
-) -> M2PTLlava | M2PTQwen2_5VL:
-    """Wrap a transformers LLaVA or Qwen2.5-VL for M²PT: deep prompts in every vision and decoder layer,
-    a trainable interaction layer (LLaVA's projector, Qwen2.5-VL's merger), everything else frozen.
+) -> M2PTLlava | M2PTQwenVL:
+    """Wrap a transformers LLaVA, Qwen2.5-VL or Qwen3-VL for M²PT: deep prompts in every vision and
+    decoder layer, a trainable interaction layer (LLaVA's projector, the Qwen models' mergers), everything
+    else frozen.
     The model's weights are shared with the returned model.
 
     official_vision_features: select vision features as the released M²PT code does (for prompts
@@ -295,6 +301,6 @@ def apply_m2pt(
     the paper's method this model is trained as (methods.apply_method gives it)."""
     config = M2PTConfig(num_vision_prompts, num_text_prompts, tune_projector, tune_lm_head, official_vision_features,
                         method)
-    if isinstance(model, Qwen2_5_VLForConditionalGeneration):
-        return M2PTQwen2_5VL(model, config, backend=backend)
+    if isinstance(model, (Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration)):
+        return M2PTQwenVL(model, config, backend=backend)
     return M2PTLlava(model, config, backend=backend)

@@ -1,7 +1,7 @@
 """What every deep-prompt model here shares: the configuration of what trains, the output, the
 switchable backend, activation checkpointing of the frozen layers and the prompts' initialisation.
 
-The models themselves: M2PTLlava (model.py), M2PTQwen2_5VL (qwen2_5_vl.py), DeepVisionPrompts /
+The models themselves: M2PTLlava (model.py), M2PTQwenVL (qwen_vl.py), DeepVisionPrompts /
 DeepTextPrompts (prompt_tuning.py).
 """
 from __future__ import annotations
@@ -130,13 +130,15 @@ def register_prompts(module: nn.Module, name: str, prompts: torch.Tensor) -> Non
         setattr(module, name, nn.Parameter(prompts))
 
 
-def text_forward(model, embeds, attention_mask, labels, position_ids, cache, use_cache, return_logits):
+def text_forward(model, embeds, attention_mask, labels, position_ids, cache, use_cache, return_logits,
+                 deepstack=None):
     """The decoder half shared by M²PT and plain deep text prompts: `model` has `backend`,
-    `training`, `text_prompts`, `language_model` and `lm_head`; embeds: (B, T, d)."""
+    `training`, `text_prompts`, `language_model` and `lm_head`; embeds: (B, T, d); deepstack: Qwen3-VL's
+    (image-token mask (B, T), [features added after decoder layer k]) or None."""
     lm, lm_head, prompts = model.language_model, model.lm_head, model.text_prompts
     if model.backend == "reference":
         loss, logits, cache = reference.text_forward(lm, lm_head, prompts, embeds, attention_mask, labels,
-                                                     position_ids, cache, use_cache)
+                                                     position_ids, cache, use_cache, deepstack)
         return M2PTOutput(loss=loss, logits=logits, cache=cache)
     if use_cache or cache is not None:
         # Decoding: the prompt K/V enter the cache once, computed for the whole batch; the text then
@@ -144,10 +146,10 @@ def text_forward(model, embeds, attention_mask, labels, position_ids, cache, use
         if cache is None or cache.get_seq_length() == 0:
             cache = fused.prompt_cache(lm, prompts, embeds.shape[0], cache)
         loss, logits, cache = reference.text_forward(lm, lm_head, prompts, embeds, attention_mask, labels,
-                                                     position_ids, cache, True)
+                                                     position_ids, cache, True, deepstack)
         return M2PTOutput(loss=loss, logits=logits, cache=cache)
     if return_logits is None:
         return_logits = labels is None
     loss, logits = fused.text_forward(lm, lm_head, prompts, embeds, attention_mask, labels, position_ids,
-                                      return_logits)
+                                      return_logits, deepstack)
     return M2PTOutput(loss=loss, logits=logits)

@@ -38,7 +38,8 @@ def clip_states(vision, hidden: torch.Tensor, prompts: torch.Tensor, depth: int)
     return states
 
 
-def text_forward(lm, lm_head, prompts, embeds, attention_mask, labels, position_ids, cache, use_cache):
+def text_forward(lm, lm_head, prompts, embeds, attention_mask, labels, position_ids, cache, use_cache,
+                 deepstack=None):
     """Decoder forward with deep text prompts in the sequence.
 
     lm: a transformers decoder (LlamaModel, Qwen2Model, Qwen2.5-VL's text model...); prompts: (L, n, d);
@@ -46,7 +47,9 @@ def text_forward(lm, lm_head, prompts, embeds, attention_mask, labels, position_
     tokens; labels: (B, T) or None; position_ids: (B, T) text positions, (3, B, T) M-RoPE positions
     (temporal, height, width), or None (0.. for a fresh sequence); cache: a KV cache holding earlier
     tokens, the prompt rows first. The prompt rows sit at positions 0..n-1 (on every M-RoPE axis) and
-    every other position moves up by n. Returns (loss, logits (B, T, V), cache).
+    every other position moves up by n. deepstack: Qwen3-VL's (image-token mask (B, T), features
+    [(images' tokens, d)]): feature k is added at the image tokens after layer k, as the model's own
+    forward adds it. Returns (loss, logits (B, T, V), cache).
     """
     batch, seq_len, _ = embeds.shape
     n = prompts.shape[1]
@@ -86,11 +89,17 @@ def text_forward(lm, lm_head, prompts, embeds, attention_mask, labels, position_
     masks = {kind: causal_mask(lm.config, hidden, mask, cache, flat_positions, sliding=kind == "sliding_attention")
              for kind in set(types)}
     rope = lm.rotary_emb(hidden, position_ids=positions)
+    visual, features = deepstack if deepstack is not None else (None, [])
+    if inserted and visual is not None:
+        visual = torch.cat([visual.new_zeros(batch, n), visual], dim=1)  # the prompt rows are no image tokens
     for j, layer in enumerate(lm.layers):
         if inserted and j > 0:
             hidden = _with_prompts(hidden, prompts[j], replace=True)
         hidden = layer(hidden, attention_mask=masks[types[j]], position_embeddings=rope, position_ids=flat_positions,
                        use_cache=use_cache, **cache_kwargs(cache))
+        if j < len(features):
+            hidden = hidden.clone()
+            hidden[visual] = hidden[visual] + features[j].to(hidden.dtype)
     logits = lm_head(lm.norm(hidden))  # (B, [n +] T, V)
 
     loss = None

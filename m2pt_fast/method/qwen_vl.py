@@ -1,13 +1,14 @@
-"""M²PT on Qwen2.5-VL: deep prompts in every block of its packed, windowed vision tower and every
-decoder layer, with the merger (the interaction layer) trained. The definition is docs/method.md's
-"Qwen2.5-VL" section; this is its reference form, on the model's own modules.
+"""M²PT on Qwen2.5-VL and Qwen3-VL: deep prompts in every block of their packed vision towers and
+every decoder layer, with the interaction layer trained (the merger; Qwen3-VL's deepstack mergers
+too). The definitions are docs/method.md's "Qwen2.5-VL" and "Qwen3-VL" sections.
 
-Vision: before block i, each segment the block attends within (a window, or a whole image in the
-full-attention blocks) gets the block's n_v prompt rows prepended, with the identity rotation (cos 1,
-sin 0); the block runs on the packed result, and the prompt rows are dropped from its output. The
-merger sees patch rows only: image-token counts and processors are unchanged.
-Decoder: reference.text_forward with M-RoPE positions: the prompt rows at (j, j, j), every position of
-the sequence shifted by n_t on all three axes.
+Vision (reference form): before block i, each segment the block attends within (a window or a whole
+image in Qwen2.5-VL, a whole image in Qwen3-VL) gets the block's n_v prompt rows prepended, with the
+identity rotation (cos 1, sin 0) and no learned position embedding; the block runs on the packed
+result, and the prompt rows are dropped from its output. The mergers see patch rows only:
+image-token counts and processors are unchanged.
+Decoder: the prompt rows at M-RoPE positions (j, j, j), every position of the sequence shifted by n_t
+on all three axes; Qwen3-VL's deepstack features land on the image tokens, as without prompts.
 
 The fused backend computes the same function with no prompt rows in any sequence: block i's prompt
 K/V (its norm and qkv on the prompt rows, unrotated) are computed once and every segment's attention
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen3VLForConditionalGeneration
 
 from m2pt_fast.compat import Cache
 from m2pt_fast.errors import UserError
@@ -31,7 +32,7 @@ from m2pt_fast.method.prompted import (
     text_forward,
     xavier_uniform_per_layer,
 )
-from m2pt_fast.models import qwen2_5_vl as family
+from m2pt_fast.models import qwen2_5_vl, qwen3_vl
 
 
 def with_segment_prompts(hidden: torch.Tensor, cu_seqlens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -55,30 +56,50 @@ def with_segment_prompts(hidden: torch.Tensor, cu_seqlens: torch.Tensor, cos: to
             torch.cat(keep).to(hidden.device))
 
 
+def _block(block, hidden, cu_seqlens, max_seqlen, rotary, prompts: torch.Tensor, backend: str) -> torch.Tensor:
+    """One tower block on packed rows (N, d) with its prompts (n, d) before every segment, by `backend`."""
+    n = prompts.shape[0]
+    if not n:
+        return block(hidden, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, position_embeddings=rotary)
+    if backend == "fused":
+        return _fused_block(block, hidden, cu_seqlens, max_seqlen, rotary, prompts)
+    packed, packed_cu, packed_cos, packed_sin, keep = with_segment_prompts(hidden, cu_seqlens, *rotary, prompts)
+    out = block(packed, cu_seqlens=packed_cu, max_seqlen=None if max_seqlen is None else max_seqlen + n,
+                position_embeddings=(packed_cos, packed_sin))
+    return out[keep]
+
+
 def vision_features(visual, pixel_values: torch.Tensor, grid_thw: torch.Tensor, prompts: torch.Tensor,
-                    backend: str = "reference") -> torch.Tensor:
-    """The merged image features (sum of t h w / merge², d_text) of the tower run with deep prompts
-    (prompts (blocks, n, d_vision); n = 0: the tower's own forward, step for step), by `backend`."""
-    schedule = family.VisionSchedule(visual, grid_thw)
-    hidden = visual.patch_embed(pixel_values.to(visual.patch_embed.proj.weight.dtype))
+                    backend: str = "reference") -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(merged image features (sum of t h w / merge², d_text), deepstack features (Qwen3-VL's, one per
+    deepstack merger; [] for Qwen2.5-VL)) of the tower run with deep prompts (prompts (blocks, n,
+    d_vision); n = 0: the tower's own forward, step for step), by `backend`."""
+    pixel_values = pixel_values.to(visual.patch_embed.proj.weight.dtype)
+    if hasattr(visual, "deepstack_merger_list"):
+        return _qwen3_vision(visual, pixel_values, grid_thw, prompts, backend)
+    schedule = qwen2_5_vl.VisionSchedule(visual, grid_thw)
+    hidden = visual.patch_embed(pixel_values)
     rows = hidden.shape[0]
     hidden = visual.permute_input_for_window_attn(hidden, schedule.window_index, seq_len=rows)
-    cos, sin = (visual.permute_input_for_window_attn(part, schedule.window_index, seq_len=rows)
-                for part in visual.rotary_pos_emb(hidden, schedule.position_ids))
-    n = prompts.shape[1]
+    rotary = tuple(visual.permute_input_for_window_attn(part, schedule.window_index, seq_len=rows)
+                   for part in visual.rotary_pos_emb(hidden, schedule.position_ids))
     for i, (block, (cu_seqlens, max_seqlen)) in enumerate(zip(visual.blocks, schedule.blocks)):
-        if n and backend == "fused":
-            hidden = _fused_block(block, hidden, cu_seqlens, max_seqlen, (cos, sin), prompts[i])
-            continue
-        if not n:
-            hidden = block(hidden, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, position_embeddings=(cos, sin))
-            continue
-        packed, packed_cu, packed_cos, packed_sin, keep = with_segment_prompts(hidden, cu_seqlens, cos, sin,
-                                                                               prompts[i])
-        out = block(packed, cu_seqlens=packed_cu, max_seqlen=None if max_seqlen is None else max_seqlen + n,
-                    position_embeddings=(packed_cos, packed_sin))
-        hidden = out[keep]
-    return visual.merger(hidden)[torch.argsort(schedule.window_index)]
+        hidden = _block(block, hidden, cu_seqlens, max_seqlen, rotary, prompts[i], backend)
+    return visual.merger(hidden)[torch.argsort(schedule.window_index)], []
+
+
+def _qwen3_vision(visual, pixel_values, grid_thw, prompts, backend):
+    schedule = qwen3_vl.VisionSchedule(visual, grid_thw)
+    hidden = visual.patch_embed(pixel_values)
+    positions = (visual.pos_embed(schedule.interp_indices) * schedule.interp_weights[:, :, None]).sum(1)
+    hidden = hidden + positions.to(hidden.dtype)  # the patch rows' learned positions; prompt rows get none
+    rotary = visual.rotary_pos_emb(hidden, schedule.position_ids)
+    deepstack = []
+    for i, block in enumerate(visual.blocks):
+        hidden = _block(block, hidden, schedule.cu_seqlens, schedule.max_seqlen, rotary, prompts[i], backend)
+        if i in visual.deepstack_visual_indexes:
+            deepstack.append(visual.deepstack_merger_list[visual.deepstack_visual_indexes.index(i)](hidden))
+    return visual.merger(hidden), deepstack
 
 
 def _fused_block(block, hidden, cu_seqlens, max_seqlen, rotary, prompts: torch.Tensor) -> torch.Tensor:
@@ -95,15 +116,17 @@ def _fused_block(block, hidden, cu_seqlens, max_seqlen, rotary, prompts: torch.T
     return hidden
 
 
-class M2PTQwen2_5VL(PromptTuned, nn.Module):
-    """A frozen Qwen2.5-VL with deep visual prompts (blocks, n_v, d_vision), deep textual prompts
-    (layers, n_t, d_text) and a trainable merger."""
+class M2PTQwenVL(PromptTuned, nn.Module):
+    """A frozen Qwen2.5-VL or Qwen3-VL with deep visual prompts (blocks, n_v, d_vision), deep textual
+    prompts (layers, n_t, d_text) and a trainable interaction layer (the merger, and Qwen3-VL's deepstack
+    mergers)."""
 
-    def __init__(self, model: Qwen2_5_VLForConditionalGeneration, config: M2PTConfig, backend: str = "reference"):
+    def __init__(self, model: Qwen2_5_VLForConditionalGeneration | Qwen3VLForConditionalGeneration,
+                 config: M2PTConfig, backend: str = "reference"):
         super().__init__()
         if config.official_vision_features:
             raise UserError("official_vision_features is the released M²PT code's LLaVA feature selection; "
-                            "Qwen2.5-VL has no such choice")
+                            f"{type(model).__name__} has no such choice")
         self.qwen = model
         route_attention(model)  # the fused backend's prefix K/V go through transformers' attention interface
         self.frozen_model = model
@@ -121,8 +144,14 @@ class M2PTQwen2_5VL(PromptTuned, nn.Module):
         xavier_uniform_per_layer(self.vision_prompts)
         xavier_uniform_per_layer(self.text_prompts)
         model.requires_grad_(False)  # the prompts are trainable Parameters (or empty buffers)
-        visual.merger.requires_grad_(config.tune_projector)
+        for merger in self.interaction_layer():
+            merger.requires_grad_(config.tune_projector)
         model.lm_head.requires_grad_(config.tune_lm_head)
+
+    def interaction_layer(self) -> list[nn.Module]:
+        """What joins vision to text and trains with the prompts: the merger (and the deepstack mergers)."""
+        visual = self.qwen.model.visual
+        return [visual.merger, *getattr(visual, "deepstack_merger_list", [])]
 
     @property
     def method(self) -> str:
@@ -157,17 +186,25 @@ class M2PTQwen2_5VL(PromptTuned, nn.Module):
             raise UserError("a call after the first of a decode gives position_ids (3, batch, new tokens): M-RoPE "
                             "positions cannot be inferred from the new tokens alone")
         embeds = text.embed_tokens(input_ids)
+        deepstack = None
         if pixel_values is not None:
             if image_grid_thw is None:
                 raise UserError("pixel_values without image_grid_thw: pass both, as the processor returns them")
-            features = vision_features(model.model.visual, pixel_values, image_grid_thw, self.vision_prompts,
-                                       self.backend)
-            family.check_image_tokens(model, input_ids, features.shape[0])
-            where = (input_ids == family.image_token_id(model)).unsqueeze(-1).expand_as(embeds)
-            embeds = embeds.masked_scatter(where, features.to(embeds.dtype))
+            if mm_token_type_ids is None and position_ids is None and qwen3_vl.is_qwen3_vl(model):
+                raise UserError("Qwen3-VL takes images with mm_token_type_ids (the processor returns them) for its "
+                                "M-RoPE positions; its own forward refuses them without")
+            features, deepstack_features = vision_features(model.model.visual, pixel_values, image_grid_thw,
+                                                           self.vision_prompts, self.backend)
+            qwen2_5_vl.check_image_tokens(model, input_ids, features.shape[0])
+            is_image = input_ids == qwen2_5_vl.image_token_id(model)
+            embeds = embeds.masked_scatter(is_image.unsqueeze(-1).expand_as(embeds), features.to(embeds.dtype))
+            if deepstack_features:
+                deepstack = (is_image, deepstack_features)
         if position_ids is None:
-            position_ids = family.text_positions(model, input_ids, attention_mask, image_grid_thw, mm_token_type_ids)
-        return text_forward(self, embeds, attention_mask, labels, position_ids, cache, use_cache, return_logits)
+            position_ids = qwen2_5_vl.text_positions(model, input_ids, attention_mask, image_grid_thw,
+                                                     mm_token_type_ids)
+        return text_forward(self, embeds, attention_mask, labels, position_ids, cache, use_cache, return_logits,
+                            deepstack=deepstack)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -197,7 +234,8 @@ class M2PTQwen2_5VL(PromptTuned, nn.Module):
         was_training = self.training
         self.eval()
         try:
-            positions = family.text_positions(self.qwen, input_ids, attention_mask, image_grid_thw, mm_token_type_ids)
+            positions = qwen2_5_vl.text_positions(self.qwen, input_ids, attention_mask, image_grid_thw,
+                                                  mm_token_type_ids)
             out = self(input_ids, attention_mask, pixel_values, image_grid_thw, position_ids=positions,
                        use_cache=True, return_logits=True)
             next_position = positions.amax(dim=(0, 2)) + 1  # (B,)
