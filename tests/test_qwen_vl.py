@@ -185,8 +185,7 @@ def test_the_reference_equals_the_definition_in_loss_logits_and_gradients(qwen):
 
 
 def interaction_parameters(model):
-    return {f"interaction.{i}.{name}": p for i, layer in enumerate(model.interaction_layer())
-            for name, p in layer.named_parameters()}
+    return {f"projector.{name}": p for name, p in model.projector.named_parameters()}
 
 
 def test_prompts_change_the_features_but_not_their_count(qwen):

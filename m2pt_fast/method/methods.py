@@ -27,7 +27,7 @@ from m2pt_fast import compat
 from m2pt_fast.errors import MissingInput, UserError
 from m2pt_fast.method.model import M2PTLlava, apply_m2pt
 from m2pt_fast.method.prompt_io import load_prompts, save_prompts
-from m2pt_fast.models.llava import load_llava
+from m2pt_fast.models.loading import load_model
 from m2pt_fast.models.quantize import NF4Linear
 
 METHODS = ("m2pt", "vpt", "text_pt", "lora", "full")
@@ -44,7 +44,7 @@ DEFAULT_LEARNING_RATES = {"m2pt": PAPER_LEARNING_RATE, "vpt": PAPER_LEARNING_RAT
 # LLaVA's own LoRA recipe (scripts/v1_5/finetune_lora.sh): r 128, alpha 256, dropout 0.05, every linear
 # layer of the decoder.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-PROJECTOR = "multi_modal_projector"
+LLAVA_PROJECTOR = "multi_modal_projector"
 
 
 @dataclass
@@ -90,8 +90,18 @@ def check_method(method: str, num_vision_prompts: int, num_text_prompts: int, *,
                         "(--ds_config configs/zero3.json) to fit, or --method lora for QLoRA")
 
 
-def lora_config(settings: LoraSettings, tune_projector: bool):
-    """PEFT's LoraConfig for the decoder's linear layers (the vision tower and projector untouched)."""
+def projector_names(model) -> list[str]:
+    """The interaction layer's module names, as PEFT matches them (the end of a module's name): LLaVA's
+    projector, the Qwen models' merger and Qwen3-VL's deepstack mergers."""
+    if model.family == "llava":
+        return [LLAVA_PROJECTOR]
+    visual = model.frozen_model.model.visual
+    return ["merger", *(f"deepstack_merger_list.{i}" for i in range(len(getattr(visual, "deepstack_merger_list", []))))]
+
+
+def lora_config(settings: LoraSettings, tune_projector: bool, projectors: list[str] = (LLAVA_PROJECTOR,)):
+    """PEFT's LoraConfig for the decoder's linear layers (the vision tower and projector untouched;
+    PEFT trains a copy of each `projectors` module when tune_projector)."""
     from peft import LoraConfig
 
     names = "|".join(settings.target_modules)
@@ -99,7 +109,7 @@ def lora_config(settings: LoraSettings, tune_projector: bool):
         r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, bias="none",
         # a regular expression (PEFT matches it against the whole module name): the decoder only
         target_modules=rf".*language_model\.layers\.\d+\..*\.({names})",
-        modules_to_save=[PROJECTOR] if tune_projector else None,
+        modules_to_save=list(projectors) if tune_projector else None,
     )
 
 
@@ -126,11 +136,11 @@ def apply_method(llava, method: str, *, num_vision_prompts: int = 0, num_text_pr
                        tune_lm_head=tune_lm_head, backend=backend, method=method)
     if method == "full":
         model.language_model.requires_grad_(True)
-        model.llava.lm_head.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
     elif method == "lora":
         from peft import get_peft_model
 
-        config = lora_config(lora or LoraSettings(), tune_projector)
+        config = lora_config(lora or LoraSettings(), tune_projector, projector_names(model))
         _register_nf4(config)
         # get_peft_model changes the LLaVA in place (model.llava stays the module that runs) and leaves
         # only the LoRA matrices and the modules_to_save copy of the projector trainable
@@ -159,14 +169,15 @@ def save_output(model: M2PTLlava, path: str | os.PathLike, values=None, *, token
     method = model.method
     if method in PROMPT_METHODS:
         return save_prompts(model, path, values)
-    state = {name: (values or {}).get(p, p).detach().cpu() for name, p in model.llava.named_parameters()
+    frozen = model.frozen_model
+    state = {name: (values or {}).get(p, p).detach().cpu() for name, p in frozen.named_parameters()
              if p.requires_grad}
     if method == "lora":
         # PEFT picks the adapter's tensors (LoRA, the projector's trained copy) out of the whole state
-        full = {f"base_model.model.{k}": v for k, v in _full_state(model.llava, state).items()}
+        full = {f"base_model.model.{k}": v for k, v in _full_state(frozen, state).items()}
         model.peft_model.save_pretrained(str(path), state_dict=full, safe_serialization=True)
     else:
-        model.llava.save_pretrained(str(path), state_dict=_full_state(model.llava, state), safe_serialization=True)
+        frozen.save_pretrained(str(path), state_dict=_full_state(frozen, state), safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(path))
         if processor_dir and (Path(processor_dir) / "preprocessor_config.json").is_file():
@@ -209,9 +220,10 @@ def load_output(llava, path: str | os.PathLike, method: str | None = None, **pro
             raise MissingInput(f"{path} has no adapter_config.json: not a PEFT adapter directory")
         config = LoraConfig.from_pretrained(str(path))
         _register_nf4(config)
-        peft_model = PeftModel.from_pretrained(llava, str(path), config=config, is_trainable=False)
+        with compat.peft_wrapping():
+            peft_model = PeftModel.from_pretrained(llava, str(path), config=config, is_trainable=False)
         model = apply_m2pt(llava, 0, 0, tune_projector=False, method="lora")
         model.peft_model = peft_model
         return model
 
-    return apply_m2pt(load_llava(str(path)), 0, 0, tune_projector=False, method="full")
+    return apply_m2pt(load_model(str(path)), 0, 0, tune_projector=False, method="full")

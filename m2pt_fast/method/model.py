@@ -160,6 +160,8 @@ class M2PTLlava(PromptTuned, nn.Module):
                 )
             self.llava.lm_head.requires_grad_(True)
 
+    family = "llava"  # the prompt file's metadata names it
+
     @property
     def projector(self) -> nn.Module:
         return self.llava.model.multi_modal_projector

@@ -7,9 +7,11 @@ Layout (other tools read it; documented in the README):
   lm_head.<name>        lm_head's state_dict entries, when lm_head is tuned
 Every tensor is fp32, whatever the model's dtype: after bf16 training the trainer passes the
 optimizer's fp32 master values (m2pt_fast/training/master_weights.py), and a bf16 tensor widens to fp32 exactly.
-Metadata (strings): format="m2pt-prompts", format_version, the prompt counts, layer counts and
-widths, the vision feature layer(s) and selection strategy, which groups were tuned, and
-official_vision_features (the released code's feature selection; absent in older files: false).
+Metadata (strings): format="m2pt-prompts", format_version, the model family ("llava", "qwen2_5_vl",
+"qwen3_vl"; absent in older files: llava), the prompt counts, layer counts and widths, LLaVA's vision
+feature layer(s) and selection strategy, which groups were tuned, and official_vision_features (the
+released code's feature selection; absent in older files: false). For the Qwen models `projector.`
+holds the interaction layer: Qwen2.5-VL's merger; Qwen3-VL's merger.* and deepstack_merger_list.*.
 """
 from __future__ import annotations
 
@@ -29,16 +31,20 @@ FORMAT_VERSION = "1"
 
 
 def _settings(model) -> dict[str, str]:
-    config = model.llava.config
+    llava = {}
+    if model.family == "llava":
+        config = model.llava.config
+        llava = {"vision_feature_layer": json.dumps(config.vision_feature_layer),
+                 "vision_feature_select_strategy": str(config.vision_feature_select_strategy)}
     return {
+        "family": model.family,
         "num_vision_prompts": str(model.num_vision_prompts),
         "num_text_prompts": str(model.num_text_prompts),
         "vision_prompt_layers": str(model.vision_prompts.shape[0]),
         "text_prompt_layers": str(model.text_prompts.shape[0]),
         "vision_hidden_size": str(model.vision_prompts.shape[2]),
         "text_hidden_size": str(model.text_prompts.shape[2]),
-        "vision_feature_layer": json.dumps(config.vision_feature_layer),
-        "vision_feature_select_strategy": str(config.vision_feature_select_strategy),
+        **llava,
         "tune_projector": str(model.m2pt_config.tune_projector).lower(),
         "tune_lm_head": str(model.m2pt_config.tune_lm_head).lower(),
         "official_vision_features": str(model.m2pt_config.official_vision_features).lower(),
@@ -51,13 +57,13 @@ def _tuned_tensors(model) -> dict[str, torch.Tensor]:
     if model.m2pt_config.tune_projector:
         tensors.update({f"projector.{k}": v for k, v in model.projector.state_dict(keep_vars=True).items()})
     if model.m2pt_config.tune_lm_head:
-        tensors.update({f"lm_head.{k}": v for k, v in model.llava.lm_head.state_dict(keep_vars=True).items()})
+        tensors.update({f"lm_head.{k}": v for k, v in model.lm_head.state_dict(keep_vars=True).items()})
     return tensors
 
 
 def save_prompts(model, path: str | os.PathLike,
                  values: Mapping[torch.Tensor, torch.Tensor] | None = None) -> Path:
-    """Write the tuned tensors of an M2PTLlava to `path` (safetensors, fp32). Returns the path.
+    """Write the tuned tensors of an M2PTLlava or M2PTQwenVL to `path` (safetensors, fp32). Returns the path.
 
     values: {parameter of `model`: the value to write in its place}, e.g. the optimizer's fp32
     master copies of parameters trained in bf16 (m2pt_fast.training.master_weights.fp32_master_values).
@@ -110,6 +116,10 @@ def load_prompts(model, path: str | os.PathLike) -> dict[str, str]:
     metadata, tensors = _read(path)
 
     expected = _settings(model)
+    family = metadata.get("family", "llava")
+    if family != expected["family"]:
+        raise PromptFileError(f"prompt file {str(path)!r} was trained on a {family} model; "
+                              f"this is a {expected['family']}")
     checked = ("num_vision_prompts", "num_text_prompts", "vision_prompt_layers", "text_prompt_layers",
                "vision_hidden_size", "text_hidden_size")
     problems = [f"{k}: file {metadata.get(k)}, model {expected[k]}" for k in checked if metadata.get(k) != expected[k]]
@@ -120,7 +130,7 @@ def load_prompts(model, path: str | os.PathLike) -> dict[str, str]:
                         "(apply_m2pt(..., official_vision_features=...) must match how the prompts were trained)")
     targets = {"vision_prompts": model.vision_prompts, "text_prompts": model.text_prompts}
     targets.update({f"projector.{k}": v for k, v in model.projector.state_dict(keep_vars=True).items()})
-    targets.update({f"lm_head.{k}": v for k, v in model.llava.lm_head.state_dict(keep_vars=True).items()})
+    targets.update({f"lm_head.{k}": v for k, v in model.lm_head.state_dict(keep_vars=True).items()})
     for name, tensor in tensors.items():
         if name not in targets:
             problems.append(f"{name}: in the file but the model has no such tensor")
@@ -128,7 +138,7 @@ def load_prompts(model, path: str | os.PathLike) -> dict[str, str]:
             problems.append(f"{name}: file shape {tuple(tensor.shape)}, model shape {tuple(targets[name].shape)}")
     promised = ["vision_prompts", "text_prompts"]
     for flag, prefix, module in (("tune_projector", "projector.", model.projector),
-                                 ("tune_lm_head", "lm_head.", model.llava.lm_head)):
+                                 ("tune_lm_head", "lm_head.", model.lm_head)):
         if metadata.get(flag) == "true":
             promised += [prefix + k for k in module.state_dict()]
     for name in promised:

@@ -144,14 +144,29 @@ class M2PTQwenVL(PromptTuned, nn.Module):
         xavier_uniform_per_layer(self.vision_prompts)
         xavier_uniform_per_layer(self.text_prompts)
         model.requires_grad_(False)  # the prompts are trainable Parameters (or empty buffers)
-        for merger in self.interaction_layer():
-            merger.requires_grad_(config.tune_projector)
+        self.projector.requires_grad_(config.tune_projector)
         model.lm_head.requires_grad_(config.tune_lm_head)
 
-    def interaction_layer(self) -> list[nn.Module]:
-        """What joins vision to text and trains with the prompts: the merger (and the deepstack mergers)."""
+    @property
+    def family(self) -> str:
+        return "qwen3_vl" if qwen3_vl.is_qwen3_vl(self.qwen) else "qwen2_5_vl"
+
+    @property
+    def projector(self) -> nn.Module:
+        """The interaction layer, which trains with the prompts: Qwen2.5-VL's merger; Qwen3-VL's merger and
+        deepstack mergers, as one module whose state_dict names them merger.* and deepstack_merger_list.*."""
         visual = self.qwen.model.visual
-        return [visual.merger, *getattr(visual, "deepstack_merger_list", [])]
+        if not hasattr(visual, "deepstack_merger_list"):
+            return visual.merger
+        return nn.ModuleDict({"merger": visual.merger, "deepstack_merger_list": visual.deepstack_merger_list})
+
+    @property
+    def num_vision_prompts(self) -> int:
+        return self.vision_prompts.shape[1]
+
+    @property
+    def num_text_prompts(self) -> int:
+        return self.text_prompts.shape[1]
 
     @property
     def method(self) -> str:

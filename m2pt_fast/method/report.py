@@ -37,12 +37,13 @@ class TrainableReport:
 
 
 def trainable_report(model) -> TrainableReport:
-    """Trainable and total parameter counts of an M2PTLlava, by group (works on the meta device).
+    """Trainable and total parameter counts of an M2PTLlava or M2PTQwenVL, by group (works on the meta
+    device). The projector group is the interaction layer (the Qwen models' mergers).
 
     Under --method lora the projector group holds both PEFT's trained copy and the frozen original
     it keeps beside it; under --method full the decoder's parameters are the backbone's trainable ones."""
     projector = {id(p) for p in model.projector.parameters()}
-    lm_head = {id(p) for p in model.llava.lm_head.parameters()}
+    lm_head = {id(p) for p in model.lm_head.parameters()}
     report = TrainableReport({name: GroupCount() for name in GROUPS})
     for name, param in model.named_parameters():
         if param is model.vision_prompts:
