@@ -18,8 +18,11 @@ itself falls back to 1-D positions on all three axes, and so does `text_position
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.utils.generic import get_max_seqlen
 from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids, get_vision_window_index
 
@@ -84,3 +87,41 @@ def check_image_tokens(model: Qwen2_5_VLForConditionalGeneration, input_ids: tor
     if tokens != features:
         raise UserError(f"the batch holds {tokens} image tokens but its images give {features} features: expand "
                         "each image's placeholder as the model's processor does")
+
+
+# The Qwen-VL chat layout (Qwen2.5-VL's and Qwen3-VL's templates): a default system turn, each turn
+# "<|im_start|>{role}\n{content}<|im_end|>\n", each image part "<|vision_start|><|image_pad|><|vision_end|>".
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif 'text' in part %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# tiny_config's ids: the image and vision tokens at 100-103, the turn markers after them
+SPECIAL_IDS = {"<|image_pad|>": 100, "<|video_pad|>": 101, "<|vision_start|>": 102, "<|vision_end|>": 103,
+               "<|im_start|>": 104, "<|im_end|>": 105}
+
+
+def tiny_tokenizer(words: Iterable[str]) -> PreTrainedTokenizerFast:
+    """A word-level fast tokenizer with Qwen-VL's special tokens at tiny_config's ids and its chat layout:
+    <unk> <s> </s> <pad> are 0-3, `words` (at most 96, with the template's own: system, user, assistant,
+    You, are, a, helpful, .) 4 on, built locally (nothing downloaded)."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    for word in sorted({*words, "system", "user", "assistant", "You", "are", "a", "helpful", "."}):
+        vocab.setdefault(word, len(vocab))
+    if len(vocab) > min(SPECIAL_IDS.values()):
+        raise ValueError(f"{len(vocab) - 4} words do not fit below the special tokens (at most 96)")
+    vocab.update(SPECIAL_IDS)
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>",
+        additional_special_tokens=list(SPECIAL_IDS), chat_template=CHAT_TEMPLATE, padding_side="right")
+
