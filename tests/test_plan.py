@@ -157,6 +157,7 @@ def _model_directory_with_tokenizer(directory):
     return directory, tokenizer, llava
 
 
+@pytest.mark.slow  # about 20 s on 2 cores
 def test_a_data_set_plans_its_longest_sample(tmp_path, capsys):
     from m2pt_fast.data import IGNORE_INDEX, ConversationEncoder, write_llava_json
 

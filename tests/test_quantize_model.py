@@ -243,6 +243,7 @@ def test_apply_m2pt_on_a_quantized_model(fp_model, inputs):
     assert not any(p.requires_grad for m in llava.modules() if isinstance(m, NF4Linear) for p in m.parameters())
 
 
+@pytest.mark.slow  # about 30 s on 2 cores
 def test_gradient_checkpointing_on_a_quantized_model(fp_model, inputs):
     from m2pt_fast import apply_m2pt
 

@@ -284,6 +284,7 @@ def test_fused_logits_equal_the_reference_where_there_are_tokens(qwen, monkeypat
     torch.testing.assert_close(fused[valid], reference[valid], rtol=1e-10, atol=1e-12)  # float64
 
 
+@pytest.mark.slow  # the Triton interpreter: 13-20 s each on 2 cores
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_fused_through_the_triton_kernel_equals_the_reference(family, monkeypatch):
     """fp32 (the interpreter's dtype on a CPU): the prefix attention of every window, image and the

@@ -17,6 +17,7 @@ from m2pt_fast.data import IMAGE, build_word_tokenizer, synthetic_texts, words_o
 from m2pt_fast.data.conversation import ASSISTANT, LLAVA_SYSTEM_PROMPT, SYSTEM_PROMPT, USER
 from m2pt_fast.models import llava_original
 from m2pt_fast.models.llava import build_llava, llava_config, load_llava
+from m2pt_fast.models.loading import load_model
 from m2pt_fast.models.quantize import load_quantized, quantize_model
 
 EMBEDDED_SHAPE = "tiny"
@@ -44,7 +45,8 @@ def _texts_of_llava_json(path: str) -> list[str]:
 
 
 def load_base(cfg, device: torch.device, bf16: bool, quant: str):
-    """(the frozen LLaVA, its tokenizer) for a TrainConfig `cfg`, on `device`; quant: nf4, bf16 or fp32."""
+    """(the frozen model, its tokenizer) for a TrainConfig `cfg`, on `device`; quant: nf4, bf16 or fp32. The
+    model is a LLaVA, or the Qwen-VL model of a Qwen2.5-VL / Qwen3-VL directory (cfg.family)."""
     # the dtype of everything that stays dense (and of the NF4 weights once dequantized)
     dtype = torch.bfloat16 if bf16 or quant == "bf16" else torch.float32
     if cfg.embedded_model:
@@ -65,6 +67,8 @@ def load_base(cfg, device: torch.device, bf16: bool, quant: str):
         return llava, tokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, local_files_only=True)
+    if cfg.family != "llava":  # Qwen-VL: the directory's model and tokenizer as they are
+        return load_model(cfg.model_name_or_path, device=device, dtype=dtype), tokenizer
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.unk_token  # LLaVA's choice for LLaMA tokenizers
     if cfg.llava_source == "original":

@@ -30,6 +30,7 @@ from m2pt_fast.method.methods import (
     default_prompt_counts,
 )
 from m2pt_fast.models import llava_original
+from m2pt_fast.models.loading import QWEN_FAMILIES, model_type
 from m2pt_fast.training.reporting import parse_report_to
 
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
@@ -171,6 +172,14 @@ class TrainConfig:
                                 "vision tower was trained with): save it there with save_pretrained"
                                 + ("" if self.llava_source == "original" else
                                     " (or, for LLaVA's own layout, pass --vision_tower)"))
+        if self.family != "llava":
+            if not self.data_path:
+                raise UserError(f"{self.model_name_or_path} is a {self.family} model: give --data_path, records in HF "
+                                "\"messages\" form (JSON Lines; docs/training.md); the synthetic set is the embedded "
+                                "LLaVA's")
+            if self.quant == "nf4":
+                raise UserError(f"--quant nf4 does not take {self.family} models yet: use --quant bf16 (with --bf16) "
+                                "or fp32")
         if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
             raise UserError(f"--output_dir {self.output_dir} is a file, not a directory: give a directory")
         if self.quant == "nf4" and self.tune_lm_head:
@@ -192,6 +201,15 @@ class TrainConfig:
     @property
     def embedded_model(self) -> bool:
         return self.model_name_or_path is None
+
+    @property
+    def family(self) -> str:
+        """The model family: "llava" (the embedded model and every LLaVA layout), "qwen2_5_vl" or "qwen3_vl",
+        as the model directory's config.json says."""
+        if self.model_name_or_path is None or not (Path(self.model_name_or_path) / "config.json").is_file():
+            return "llava"
+        kind = model_type(self.model_name_or_path)
+        return kind if kind in QWEN_FAMILIES else "llava"
 
     @property
     def llava_source(self) -> str | None:

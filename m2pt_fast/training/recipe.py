@@ -45,6 +45,8 @@ from m2pt_fast.data import (
     longest_sample,
     make_collate,
 )
+from m2pt_fast.data.chat_records import ChatDataset, load_chat_records, make_chat_collate
+from m2pt_fast.data.chat_template import ChatTemplateEncoder
 from m2pt_fast.errors import UserError
 from m2pt_fast.method.methods import OUTPUT_NAMES, apply_method, check_method, save_output, trainable_parameters
 from m2pt_fast.models.base_model import load_base
@@ -68,6 +70,8 @@ from m2pt_fast.training.reporting import MetricsReport, check_installed
 from m2pt_fast.training.runner_watch import watch_runner
 
 log = logging.getLogger(__name__)
+# what a batch hands the model: LLaVA's four, and the Qwen-VL models' image grids and token types
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values", "image_grid_thw", "mm_token_type_ids")
 
 def lr_multiplier(step: int, warmup_steps: int, total_steps: int, kind: str) -> float:
     """The factor on --learning_rate for optimizer step `step` (0-based), as transformers defines them."""
@@ -115,7 +119,9 @@ class M2PTRecipe:
         self._setup_model()
         self._setup_data()
         wanted = self.cfg.estimate_memory if self.cfg.estimate_memory is not None else self.device.type == "cuda"
-        if wanted and self.rank == 0:  # every rank holds the same model: one count, one line
+        if wanted and self.rank == 0 and self.cfg.family != "llava":
+            log.info("no memory estimate: the planner counts LLaVA models only so far")
+        elif wanted and self.rank == 0:  # every rank holds the same model: one count, one line
             self._log_memory_estimate()
         self._setup_engine()
         self._setup_outputs()
@@ -193,7 +199,9 @@ class M2PTRecipe:
         if cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         self.model.train()
-        if cfg.embedded_model:
+        if cfg.family != "llava":  # the chat-template models: their own image processor, as saved
+            self.preprocess = compat.load_image_processor(cfg.processor_dir)
+        elif cfg.embedded_model:
             self.preprocess = ImagePreprocessor.clip_default(self.model.image_size, cfg.aspect_ratio)
         else:
             self.preprocess = ImagePreprocessor.from_model_dir(cfg.processor_dir, self.model.image_size,
@@ -223,15 +231,26 @@ class M2PTRecipe:
                  tokens, of, "on" if cfg.gradient_checkpointing else "off", plan.size(report.peak_bytes + extra),
                  f", {plan.size(extra)} of it DeepSpeed's fp32 state of the trained parameters" if extra else "")
 
+    def _chat_data(self):
+        """(dataset, collate) of HF "messages" records through the model's chat template (Qwen-VL)."""
+        cfg = self.cfg
+        encoder = ChatTemplateEncoder(self.tokenizer, self.preprocess, max_length=cfg.model_max_length)
+        records = load_chat_records(cfg.data_path, cfg.image_folder)
+        return ChatDataset(records, encoder), make_chat_collate(self.tokenizer.pad_token_id)
+
     def _setup_data(self) -> None:
         cfg = self.cfg
+        self.skipped_at_start = 0
+        self.longest_sample = None  # (tokens, labelled) of the data's longest sample
+        if cfg.family != "llava":
+            dataset, collate = self._chat_data()
+            self._setup_loader(dataset, collate)
+            return
         encoder = ConversationEncoder(
             self.tokenizer, self.model.image_token_id, self.model.image_seq_length, cfg.model_max_length,
             version=cfg.version,
         )
         build = SampleBuilder(encoder, self.preprocess)
-        self.skipped_at_start = 0
-        self.longest_sample = None  # (tokens, labelled) of the data's longest sample
         if cfg.data_path:
             records, report = load_llava_records(cfg.data_path, cfg.image_folder, encoder, progress=self.rank == 0)
             self.skipped_at_start = report.total
@@ -243,13 +262,17 @@ class M2PTRecipe:
             self.longest_sample = longest_sample(records)
         else:
             dataset = SyntheticInstructDataset(cfg.num_synthetic_samples, cfg.seed, build)
+        self._setup_loader(dataset, make_collate(self.tokenizer.pad_token_id))
+
+    def _setup_loader(self, dataset, collate) -> None:
+        cfg = self.cfg
         self.sampler = EpochShardSampler(
             len(dataset), self.world_size, self.rank, cfg.seed, cfg.per_device_train_batch_size,
             cfg.gradient_accumulation_steps,
         )
         self.loader = DataLoader(
             dataset, batch_size=cfg.per_device_train_batch_size, sampler=self.sampler, drop_last=True,
-            num_workers=cfg.dataloader_num_workers, collate_fn=make_collate(self.tokenizer.pad_token_id),
+            num_workers=cfg.dataloader_num_workers, collate_fn=collate,
             pin_memory=self.device.type == "cuda",
             # its own generator: creating an iterator must not draw from the global RNG (resume equality)
             generator=torch.Generator().manual_seed(cfg.seed),
@@ -382,9 +405,8 @@ class M2PTRecipe:
     # ------------------------------------------------------------------------------------- train
     def _loss_step(self, batch: dict) -> torch.Tensor:
         """Forward one micro-batch; the loss is the mean over its answer tokens."""
-        inputs = {k: batch[k].to(self.device, non_blocking=True)
-                  for k in ("input_ids", "attention_mask", "labels", "pixel_values")}
-        if self.bf16:
+        inputs = {k: batch[k].to(self.device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
+        if self.bf16 and "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
         output = self.engine(**inputs)
         return output.loss
