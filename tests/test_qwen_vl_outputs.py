@@ -1,15 +1,17 @@
 """What a Qwen2.5-VL or Qwen3-VL run leaves, and the baselines on them: the prompt file (the LLaVA format,
 the merger(s) under projector., the family in the metadata) reads back into a fresh model; local model
 directories load through load_model; VPT, text prompts, LoRA and full fine-tuning train what they say,
-and their outputs load back to the same logits."""
+and their outputs load back to the same logits; on an NF4 backbone (tower and decoder quantized, the
+mergers and lm_head dense) M²PT computes what it computes on the dequantized weights."""
 import pytest
 import torch
 from test_qwen_vl import FAMILIES, batch, build
 
-from m2pt_fast import apply_m2pt, load_prompts, save_prompts, trainable_report
+from m2pt_fast import apply_m2pt, load_prompts, quantize_model, save_prompts, trainable_report
 from m2pt_fast.method.methods import apply_method, load_output, save_output
 from m2pt_fast.method.prompt_io import PromptFileError
 from m2pt_fast.models.loading import load_model
+from m2pt_fast.models.quantize import NF4Linear
 
 pytest.importorskip("peft")
 
@@ -89,3 +91,43 @@ def test_each_baseline_trains_its_groups_and_its_output_loads_back(family, metho
     back = load_output(build(family, torch.float32), path, method)
     assert back.method == method
     assert torch.equal(logits(back, inputs), expected)
+
+
+def dequantized(model):
+    """`model` with every NF4Linear replaced by an nn.Linear holding its dequantized weight."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, NF4Linear):
+            dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            with torch.no_grad():
+                dense.weight.copy_(module.weight)
+                if module.bias is not None:
+                    dense.bias.copy_(module.bias)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, dense)
+    return model
+
+
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_m2pt_on_an_nf4_backbone_computes_what_it_does_on_the_dequantized_weights(family, backend, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the kernels' PyTorch paths
+    quantized = build(family, torch.float32)
+    report = quantize_model(quantized)
+    assert any(".visual.blocks." in name for name in report.quantized)
+    assert any(".language_model.layers." in name for name in report.quantized)
+    assert not any("merger" in name or "lm_head" in name for name in report.quantized)
+    twin = build(family, torch.float32)  # the same weights (build is seeded), quantized the same way
+    quantize_model(twin)
+    dense = dequantized(twin)
+    inputs = fp32_batch(seed=6)
+    losses, grads = [], []
+    for backbone in (quantized, dense):
+        torch.manual_seed(7)
+        model = apply_m2pt(backbone, 2, 2, backend=backend)
+        loss = model(**inputs).loss
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, [model.vision_prompts, model.text_prompts]))
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=0)  # fp32: nf4_linear vs F.linear
+    for ours, theirs in zip(*grads):
+        assert ours.abs().sum() > 0
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-7)

@@ -67,8 +67,11 @@ def load_base(cfg, device: torch.device, bf16: bool, quant: str):
         return llava, tokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path, local_files_only=True)
-    if cfg.family != "llava":  # Qwen-VL: the directory's model and tokenizer as they are
-        return load_model(cfg.model_name_or_path, device=device, dtype=dtype), tokenizer
+    if cfg.family != "llava":  # Qwen-VL: the directory's model and tokenizer; NF4: quantized once loaded
+        model = load_model(cfg.model_name_or_path, device=device, dtype=dtype)
+        if quant == "nf4":
+            quantize_model(model)
+        return model, tokenizer
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.unk_token  # LLaVA's choice for LLaMA tokenizers
     if cfg.llava_source == "original":

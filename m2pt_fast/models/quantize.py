@@ -48,15 +48,17 @@ class QuantizeConfig:
     """Which layers become NF4 and how.
 
     targets: a Linear is quantized when its qualified name contains one of these fragments
-             (LLaVA in transformers 5: the vision tower and the decoder).
-    skip:    ... unless its name also contains one of these (the projector is tuned by M²PT; lm_head
-             stays dense, as bitsandbytes-through-transformers leaves it).
+             (the vision tower and the decoder: LLaVA's vision_tower and language_model in
+             transformers 5, the Qwen-VL models' visual and language_model).
+    skip:    ... unless its name also contains one of these (the interaction layer is tuned by M²PT:
+             LLaVA's projector, the Qwen models' merger and deepstack mergers; lm_head stays dense,
+             as bitsandbytes-through-transformers leaves it).
     """
 
     blocksize: int = 64
     double_quant: bool = True
-    targets: tuple = ("vision_tower", "language_model")
-    skip: tuple = ("multi_modal_projector", "lm_head")
+    targets: tuple = ("vision_tower", "visual", "language_model")
+    skip: tuple = ("multi_modal_projector", "merger", "lm_head")
 
     def __post_init__(self):
         if self.blocksize not in BLOCKSIZES:

@@ -177,9 +177,6 @@ class TrainConfig:
                 raise UserError(f"{self.model_name_or_path} is a {self.family} model: give --data_path, records in HF "
                                 "\"messages\" form (JSON Lines; docs/training.md); the synthetic set is the embedded "
                                 "LLaVA's")
-            if self.quant == "nf4":
-                raise UserError(f"--quant nf4 does not take {self.family} models yet: use --quant bf16 (with --bf16) "
-                                "or fp32")
         if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
             raise UserError(f"--output_dir {self.output_dir} is a file, not a directory: give a directory")
         if self.quant == "nf4" and self.tune_lm_head:
