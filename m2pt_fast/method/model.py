@@ -35,7 +35,7 @@ from m2pt_fast.method.generation import generate
 from m2pt_fast.method.prompted import (
     M2PTConfig,
     M2PTOutput,
-    PromptTuned,
+    MultimodalPromptTuned,
     register_prompts,
     text_forward,
     xavier_uniform_per_layer,
@@ -92,7 +92,7 @@ def _official_feature_layer(llava: LlavaForConditionalGeneration, indices: list[
     return indices[0]
 
 
-class M2PTLlava(PromptTuned, nn.Module):
+class M2PTLlava(MultimodalPromptTuned, nn.Module):
     """A frozen LLaVA with deep visual prompts, deep textual prompts and a trainable projector.
 
     Parameters of its own:
@@ -139,10 +139,6 @@ class M2PTLlava(PromptTuned, nn.Module):
         xavier_uniform_per_layer(self.text_prompts)
         self._set_trainable()
 
-    @property
-    def method(self) -> str:
-        return self.m2pt_config.method
-
     # ----------------------------------------------------------------------------------------- setup
     def _set_trainable(self) -> None:
         """The one place that decides what M²PT trains."""
@@ -169,14 +165,6 @@ class M2PTLlava(PromptTuned, nn.Module):
     @property
     def lm_head(self) -> nn.Module:
         return self.llava.lm_head
-
-    @property
-    def num_vision_prompts(self) -> int:
-        return self.vision_prompts.shape[1]
-
-    @property
-    def num_text_prompts(self) -> int:
-        return self.text_prompts.shape[1]
 
     @property
     def image_size(self) -> int:

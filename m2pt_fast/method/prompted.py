@@ -95,6 +95,24 @@ class PromptTuned:
             set_lean(frozen, value == "fused")
 
 
+class MultimodalPromptTuned(PromptTuned):
+    """What M²PT's models share beyond PromptTuned (M2PTLlava, M2PTQwenVL): `m2pt_config` (an
+    M2PTConfig), `vision_prompts` (Lv, n_v, d_vision) and `text_prompts` (Lt, n_t, d_text)."""
+
+    m2pt_config: M2PTConfig
+
+    @property
+    def method(self) -> str:
+        return self.m2pt_config.method
+
+    @property
+    def num_vision_prompts(self) -> int:
+        return self.vision_prompts.shape[1]
+
+    @property
+    def num_text_prompts(self) -> int:
+        return self.text_prompts.shape[1]
+
 def set_gradient_checkpointing(root: nn.Module, every_n_layers: int | None) -> None:
     """Turn activation checkpointing on for every n-th transformer layer under `root` (None: off).
 

@@ -27,7 +27,7 @@ from m2pt_fast.method.attention import PrefixContext, prefix_kv, route_attention
 from m2pt_fast.method.prompted import (
     M2PTConfig,
     M2PTOutput,
-    PromptTuned,
+    MultimodalPromptTuned,
     register_prompts,
     text_forward,
     xavier_uniform_per_layer,
@@ -116,7 +116,7 @@ def _fused_block(block, hidden, cu_seqlens, max_seqlen, rotary, prompts: torch.T
     return hidden
 
 
-class M2PTQwenVL(PromptTuned, nn.Module):
+class M2PTQwenVL(MultimodalPromptTuned, nn.Module):
     """A frozen Qwen2.5-VL or Qwen3-VL with deep visual prompts (blocks, n_v, d_vision), deep textual
     prompts (layers, n_t, d_text) and a trainable interaction layer (the merger, and Qwen3-VL's deepstack
     mergers)."""
@@ -159,18 +159,6 @@ class M2PTQwenVL(PromptTuned, nn.Module):
         if not hasattr(visual, "deepstack_merger_list"):
             return visual.merger
         return nn.ModuleDict({"merger": visual.merger, "deepstack_merger_list": visual.deepstack_merger_list})
-
-    @property
-    def num_vision_prompts(self) -> int:
-        return self.vision_prompts.shape[1]
-
-    @property
-    def num_text_prompts(self) -> int:
-        return self.text_prompts.shape[1]
-
-    @property
-    def method(self) -> str:
-        return self.m2pt_config.method
 
     @property
     def language_model(self) -> nn.Module:
