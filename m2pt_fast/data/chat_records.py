@@ -20,6 +20,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from m2pt_fast.data.chat_template import ChatTemplateEncoder, EncodedChat, collate_chats
+from m2pt_fast.data.llava_json import first_good_record
 from m2pt_fast.errors import MissingInput, UserError
 
 log = logging.getLogger(__name__)
@@ -84,17 +85,11 @@ class ChatDataset(Dataset):
         return self.encoder(record["messages"], images)
 
     def __getitem__(self, index: int) -> tuple[EncodedChat, list[str]]:
-        skipped = []
-        for attempt in range(len(self.records)):
-            position = (index + attempt) % len(self.records)
-            if position in self.bad:
-                continue
-            record = self.records[position]
-            try:
-                return self._encode(record), skipped
-            except Exception as e:  # an undecodable image or a refused conversation: skip the record
-                self.bad.add(position)
-                skipped.append(f"record {record['id']}: {type(e).__name__}: {e}")
+        # an undecodable image or a refused conversation costs its record only
+        sample, skipped = first_good_record(self.records, self.bad, index, self._encode,
+                                            lambda record, e: f"record {record['id']}: {type(e).__name__}: {e}")
+        if sample is not None:
+            return sample, skipped
         raise UserError(f"no record can be trained on (last: {skipped[-1] if skipped else 'none left'})")
 
 

@@ -160,6 +160,23 @@ def check_images_decode(records: list[dict[str, Any]], build: SampleBuilder,
     return len(failures)
 
 
+def first_good_record(records: list, bad: set[int], index: int, decode, describe):
+    """(decode(record), skipped reasons) for the first record from `index` on (wrapping round) that
+    decodes; a record that fails joins `bad` (never tried again) and `describe(record, error)` names it.
+    (None, reasons) when none is left."""
+    skipped = []
+    for attempt in range(len(records)):
+        position = (index + attempt) % len(records)
+        if position in bad:
+            continue
+        try:
+            return decode(records[position]), skipped
+        except Exception as e:  # a decode failure of any kind: skip the record, keep the step
+            bad.add(position)
+            skipped.append(describe(records[position], e))
+    return None, skipped
+
+
 class LlavaJsonDataset(Dataset):
     """Records from `load_llava_records`; images are opened lazily, in the loader's workers.
 
@@ -176,18 +193,10 @@ class LlavaJsonDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        skipped = []
-        for attempt in range(len(self.records)):
-            position = (index + attempt) % len(self.records)
-            if position in self.bad:
-                continue
-            record = self.records[position]
-            try:
-                sample = _decode(record, self.build)
-            except Exception as e:  # a decode failure of any kind: skip the record, keep the step
-                self.bad.add(position)
-                skipped.append(f"corrupt image: record {record['id']} ({record['image']}): {type(e).__name__}: {e}")
-                continue
+        sample, skipped = first_good_record(
+            self.records, self.bad, index, lambda record: _decode(record, self.build),
+            lambda record, e: f"corrupt image: record {record['id']} ({record['image']}): {type(e).__name__}: {e}")
+        if sample is not None:
             sample["skipped"] = skipped
             return sample
         raise RuntimeError(f"no record's image decodes (last: {skipped[-1] if skipped else 'none left'}): "
